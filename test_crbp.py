@@ -1,0 +1,415 @@
+"""Tests of crbp.py against independent references, in float64 on small contractive cells.
+
+The references never call crbp's internals: explicit Jacobians (torch.autograd.functional.jacobian),
+torch.linalg.solve for the implicit-function-theorem gradient, and hand-written unrolls.
+"""
+import ast
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import crbp
+
+torch.set_default_dtype(torch.float64)
+B, D, X = 3, 6, 4  # batch, state size, drive size
+
+
+class Dense(nn.Module):
+    """h' = tanh(W h + U x + b) with ||W||_2 = rho: a rho-contraction (tanh is 1-Lipschitz)."""
+
+    def __init__(self, rho=0.45, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(D, D, generator=g)
+        self.W = nn.Parameter(rho * W / torch.linalg.matrix_norm(W, 2))
+        self.U = nn.Parameter(torch.randn(D, X, generator=g))
+        self.b = nn.Parameter(0.1 * torch.randn(D, generator=g))
+
+    def forward(self, h, x):
+        return torch.tanh(h @ self.W.T + x @ self.U.T + self.b)
+
+
+class Conv(nn.Module):
+    """h' = tanh(k * h + u * x + b); sum|k| < 0.5 bounds the conv's 2-norm below 0.5."""
+
+    def __init__(self, C=2, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        k = torch.randn(C, C, 3, 3, generator=g)
+        self.k = nn.Parameter(0.45 * k / k.abs().sum())
+        self.u = nn.Parameter(torch.randn(C, 1, 3, 3, generator=g) / 3)
+        self.b = nn.Parameter(0.1 * torch.randn(C, generator=g))
+
+    def forward(self, h, x):
+        return torch.tanh(F.conv2d(h, self.k, padding=1) + F.conv2d(x, self.u, self.b, padding=1))
+
+
+class TupleCell(nn.Module):
+    """An LSTM-like cell with state (h, c); contractive jointly because all weights are small."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = nn.Parameter(0.1 * torch.randn(3 * D, D, generator=g))
+        self.U = nn.Parameter(torch.randn(3 * D, X, generator=g) / 2)
+
+    def forward(self, state, x):
+        h, c = state
+        i, f, o = (h @ self.W.T + x @ self.U.T).chunk(3, dim=-1)
+        c = 0.5 * torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(o)
+        return torch.tanh(c) * 0.9, c
+
+
+def dense_setup(seed=0, rho=0.45):
+    g = torch.Generator().manual_seed(seed + 100)
+    cell = Dense(rho, seed)
+    x = torch.randn(B, X, generator=g, requires_grad=True)
+    r = torch.randn(B, D, generator=g)  # loss L = <r, h_T>, so g = dL/dh_T = r
+    return cell, x, torch.zeros(B, D), r
+
+
+def conv_setup(seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    cell = Conv(seed=seed)
+    x = torch.randn(2, 1, 5, 5, generator=g, requires_grad=True)
+    r = torch.randn(2, 2, 5, 5, generator=g)
+    return cell, x, torch.zeros(2, 2, 5, 5), r
+
+
+def grads(loss, cell, x):
+    return torch.autograd.grad(loss, list(cell.parameters()) + [x])
+
+
+def unroll(cell, x, h, steps, no_grad_steps=0):
+    """The hand-written reference unroll (the first no_grad_steps steps off the tape)."""
+    grad = torch.is_grad_enabled()
+    for t in range(steps):
+        with torch.set_grad_enabled(grad and t >= no_grad_steps):
+            h = cell(h, x)
+    return h
+
+
+def jacobian(cell, h, x, create_graph=False):
+    """The explicit Jacobian dF(h, x)/dh flattened to (n, n)."""
+    J = torch.autograd.functional.jacobian(lambda z: cell(z, x), h, create_graph=create_graph)
+    return J.reshape(h.numel(), h.numel())
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---- RBP against the implicit function theorem -------------------------------------------------
+
+@pytest.mark.parametrize("setup", [dense_setup, conv_setup])
+def test_rbp_matches_implicit_function_theorem(setup):
+    cell, x, h0, r = setup()
+    state, _, stats = crbp.run(cell, x, h0, steps=80, algo="rbp", neumann_steps=80, tol=0)
+    got = grads((state * r).sum(), cell, x)
+    # Reference: h* by iteration, then v = (I - J^T)^-1 g by a linear solve, then v^T dF/d(theta, x).
+    with torch.no_grad():
+        h_star = unroll(cell, x, h0, 200)
+    J = jacobian(cell, h_star, x)
+    v = torch.linalg.solve(torch.eye(J.shape[0]) - J.T, r.reshape(-1)).reshape(h_star.shape)
+    want = torch.autograd.grad(cell(h_star, x), list(cell.parameters()) + [x], grad_outputs=v)
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-6
+    assert stats.neumann_stop in ("max_terms", "tolerance") and stats.residual < 1e-12
+
+
+def test_rbp_tuple_state_matches_implicit_function_theorem():
+    cell, (_, x, _, _) = TupleCell(), dense_setup()
+    g = torch.Generator().manual_seed(7)
+    rh, rc = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    h0 = (torch.zeros(B, D), torch.zeros(B, D))
+    (h, c), _, stats = crbp.run(cell, x, h0, steps=60, algo="rbp", neumann_steps=60, tol=0)
+    got = grads((h * rh).sum() + (c * rc).sum(), cell, x)
+    # Reference on the joint state z = [h, c] (the series covers every tensor of the state).
+    with torch.no_grad():
+        hs = unroll(cell, x, h0, 200)
+    z = torch.cat(hs, -1)
+    J = jacobian(lambda z, x: torch.cat(cell(z.split(D, -1), x), -1), z, x)
+    v = torch.linalg.solve(torch.eye(J.shape[0]) - J.T, torch.cat([rh, rc], -1).reshape(-1)).reshape(z.shape)
+    want = torch.autograd.grad(cell(hs, x), list(cell.parameters()) + [x], grad_outputs=v.split(D, -1))
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-6
+    assert stats.neumann_terms > 5
+
+
+def test_neumann_partial_sum_equals_explicit_series():
+    # F(h, x) = tanh(W h + b) + x, so dF/dx = I and x.grad is exactly the Neumann sum G.
+    cell = Dense()
+    x = torch.zeros(B, D, requires_grad=True)
+    r = torch.randn(B, D, generator=torch.Generator().manual_seed(3))
+    f = lambda h, x: torch.tanh(h @ cell.W.T + cell.b) + x
+    T, K = 7, 3
+    state, _, stats = crbp.run(f, x, torch.zeros(B, D), steps=T, algo="rbp", neumann_steps=K, tol=0)
+    (G,) = torch.autograd.grad((state * r).sum(), x)
+    with torch.no_grad():
+        h_prev = unroll(f, x, torch.zeros(B, D), T - 1)
+    J = jacobian(f, h_prev, x)  # the Jacobian of the last transition, at h_{T-1}
+    g, want, term = r.reshape(-1), torch.zeros(B * D), r.reshape(-1)
+    for _ in range(K + 1):  # sum_{k=0..K} (J^T)^k g
+        want, term = want + term, J.T @ term
+    assert rel(G.reshape(-1), want) < 1e-12
+    assert (stats.neumann_terms, stats.neumann_stop) == (K, "max_terms")
+    assert len(stats.neumann_norms) == K + 1 and abs(stats.neumann_norms[0] - g.norm().item()) < 1e-12
+
+
+# ---- BPTT and truncated BPTT against hand-written unrolls --------------------------------------
+
+@pytest.mark.parametrize("setup", [dense_setup, conv_setup])
+def test_bptt_equals_hand_unroll(setup):
+    cell, x, h0, r = setup()
+    state, penalty, _ = crbp.run(cell, x, h0, steps=6, algo="bptt")
+    for a, b in zip(grads((state * r).sum(), cell, x), grads((unroll(cell, x, h0, 6) * r).sum(), cell, x)):
+        assert rel(a, b) < 1e-12
+    assert penalty.item() == 0
+
+
+def test_tbptt_equals_unroll_with_early_steps_without_grad():
+    cell, x, h0, r = dense_setup()
+    state, _, _ = crbp.run(cell, x, h0, steps=8, algo="tbptt", truncate=3)
+    want = grads((unroll(cell, x, h0, 8, no_grad_steps=5) * r).sum(), cell, x)
+    full = grads((unroll(cell, x, h0, 8) * r).sum(), cell, x)
+    for a, b, c in zip(grads((state * r).sum(), cell, x), want, full):
+        assert rel(a, b) < 1e-12
+    assert any(rel(a, c) > 1e-6 for a, c in zip(want, full))  # truncation does change the gradient
+
+
+# ---- LCP against the column sums of the explicit Jacobian ---------------------------------------
+
+def test_lcp_equals_column_sum_formula_and_its_gradient():
+    cell, x, h0, _ = dense_setup(rho=0.95)
+    mu = 0.3  # low, so that some column sums exceed it and the penalty is not zero
+    with torch.no_grad():
+        h_prev = unroll(cell, x, h0, 4)
+    h_prev.requires_grad_()
+    got = crbp.lcp(cell(h_prev, x), h_prev, mu)
+    # Reference: u = 1^T J from the explicit (differentiable) Jacobian; LCP = mean((u - mu)_+^2).
+    u = jacobian(cell, h_prev.detach(), x, create_graph=True).sum(0)
+    want = (u - mu).clamp(min=0).square().mean()
+    assert want.item() > 0 and abs(got.item() - want.item()) < 1e-12 * want.item()
+    for a, b in zip(grads(got, cell, x), grads(want, cell, x)):
+        assert rel(a, b) < 1e-10
+    h_prev.grad = None
+    s = crbp.lcp(cell(h_prev, x), h_prev, mu, reduction="sum")
+    assert abs(s.item() - want.item() * h_prev.numel()) < 1e-10
+
+
+@pytest.mark.parametrize("algo", ["c-rbp", "c-bptt"])
+def test_constrained_algos_return_the_lcp_of_the_last_transition(algo):
+    cell, x, h0, r = dense_setup(rho=0.95)
+    T, mu = 6, 0.3
+    state, penalty, _ = crbp.run(cell, x, h0, steps=T, algo=algo, mu=mu, neumann_steps=40)
+    with torch.no_grad():
+        h_prev = unroll(cell, x, h0, T - 1)
+    u = jacobian(cell, h_prev, x, create_graph=True).sum(0)
+    want = (u - mu).clamp(min=0).square().mean()
+    assert abs(penalty.item() - want.item()) < 1e-12 * want.item()
+    # Under c-rbp the penalty's gradient reaches theta through the one taped step only, which is exactly
+    # the gradient of the explicit formula at the (fixed) h_{T-1}.
+    if algo == "c-rbp":
+        plain, _, _ = crbp.run(cell, x, h0, steps=T, algo="rbp", neumann_steps=40)
+        got = grads((state * r).sum() + 10 * penalty, cell, x)
+        ref = [a + 10 * b for a, b in zip(grads((plain * r).sum(), cell, x), grads(want, cell, x))]
+        for a, b in zip(got, ref):
+            assert rel(a, b) < 1e-10
+
+
+def test_lcp_on_tuple_state_is_column_sum_of_block_jacobian():
+    cell, (_, x, _, _) = TupleCell(), dense_setup()
+    T, mu = 4, 0.05
+    with torch.no_grad():
+        hs = unroll(cell, x, (torch.zeros(B, D),) * 2, T - 1)
+    z = torch.cat(hs, -1)
+    u = jacobian(lambda z, x: torch.cat(cell(z.split(D, -1), x), -1), z, x).sum(0)
+    want = (u - mu).clamp(min=0).square().mean().item()
+    leaves = tuple(h.clone().requires_grad_() for h in hs)
+    assert abs(crbp.lcp(cell(leaves, x), leaves, mu=mu).item() - want) < 1e-12
+    # On the tape (c-bptt) h_{T-1} = 0.9 tanh(c_{T-1}) depends on c_{T-1}; the LCP must still take the
+    # partial derivatives of the last step only.
+    for algo in ("c-bptt", "c-rbp"):
+        _, penalty, _ = crbp.run(cell, x, (torch.zeros(B, D),) * 2, steps=T, algo=algo, mu=mu)
+        assert abs(penalty.item() - want) < 1e-12
+
+
+# ---- Memory: the tape holds one step under rbp ---------------------------------------------------
+
+def saved_bytes(algo, T):
+    cell, x, h0, r = conv_setup()
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        state, penalty, _ = crbp.run(cell, x, h0, steps=T, algo=algo, truncate=2 if "tbptt" in algo else None)
+    ((state * r).sum() + penalty).backward()
+    return total[0]
+
+
+def test_rbp_memory_is_constant_in_steps_and_bptt_grows():
+    for algo in ("rbp", "c-rbp", "tbptt"):
+        assert saved_bytes(algo, 5) == saved_bytes(algo, 50) > 0
+    ratio = saved_bytes("bptt", 50) / saved_bytes("bptt", 5)
+    assert 8 < ratio <= 10
+
+
+# ---- Stop rules: honest about when the math does not hold ----------------------------------------
+
+def test_non_contractive_cell_stops_diverging_and_keeps_a_finite_gradient():
+    A = 1.5  # F(h, x) = A h + x: J = A I, the Neumann terms grow by 1.5 each
+    x = torch.ones(B, D, requires_grad=True)
+    state, _, stats = crbp.run(lambda h, x: A * h + x, x, torch.zeros(B, D), steps=3, algo="rbp")
+    with pytest.warns(UserWarning, match="not contractive"):
+        state2, _, _ = crbp.run(lambda h, x: A * h + x, x, torch.zeros(B, D), steps=3, algo="rbp", warn=True)
+        state2.sum().backward()
+    (G,) = torch.autograd.grad(state.sum(), x)
+    assert (stats.neumann_terms, stats.neumann_stop) == (0, "diverging")
+    assert torch.equal(G, torch.ones(B, D))  # the partial sum before the growing term: g itself
+
+
+def test_tolerance_stop_and_paper_grad_cap():
+    cell, x, h0, r = dense_setup()
+    state, _, stats = crbp.run(cell, x, h0, steps=30, algo="rbp", neumann_steps=100, tol=1e-8)
+    grads((state * r).sum(), cell, x)
+    assert stats.neumann_stop == "tolerance" and stats.neumann_terms < 100
+    norms = stats.neumann_norms
+    assert norms[stats.neumann_terms] <= 1e-8 * norms[0] < norms[stats.neumann_terms - 1]
+    # F(h, x) = h / 2 + x: the partial sums are g (1 + 1/2 + ... + 2^-k); a cap of 1.6 ||g|| keeps 1 term.
+    x = torch.ones(B, D, requires_grad=True)
+    state, _, stats = crbp.run(lambda h, x: h / 2 + x, x, torch.zeros(B, D), steps=3, algo="rbp",
+                               grad_cap=1.6 * B ** 0.5 * D ** 0.5)
+    (G,) = torch.autograd.grad(state.sum(), x)
+    assert (stats.neumann_stop, stats.neumann_terms) == ("grad_cap", 1) and torch.allclose(G, 1.5 * x)
+
+
+class NaNBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        return 0.5 * h
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def test_nonfinite_neumann_term_is_dropped_not_returned():
+    x = torch.ones(B, D, requires_grad=True)
+    state, _, stats = crbp.run(lambda h, x: NaNBackward.apply(h) + x, x, torch.zeros(B, D), steps=4, algo="rbp")
+    (G,) = torch.autograd.grad(state.sum(), x)
+    assert stats.neumann_stop == "nonfinite" and torch.equal(G, torch.ones(B, D))
+
+
+def test_nonfinite_state_raises_naming_the_step_or_is_recorded():
+    blow = lambda h, x: h * 1e300 + x  # overflows to inf at step 3 in float64
+    x = torch.ones(B, D)
+    with pytest.raises(FloatingPointError, match="step 3"):
+        crbp.run(blow, x, torch.zeros(B, D), steps=5, algo="bptt")
+    _, _, stats = crbp.run(blow, x, torch.zeros(B, D), steps=5, algo="bptt", nonfinite="record")
+    assert stats.nonfinite_step == 3
+
+
+def test_double_backward_through_neumann_refuses():
+    cell, x, h0, r = dense_setup()
+    state, _, _ = crbp.run(cell, x, h0, steps=5, algo="rbp")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((state * r).sum(), cell.W, create_graph=True)
+
+
+# ---- Evaluation, per-step callback, autocast -------------------------------------------------------
+
+def test_no_grad_runs_plain_steps_and_on_step_sees_every_state():
+    cell, x, h0, _ = dense_setup()
+    seen = []
+    with torch.no_grad():
+        state, penalty, stats = crbp.run(cell, x, h0, steps=5, algo="c-rbp", on_step=lambda t, h: seen.append((t, h)))
+    assert [t for t, _ in seen] == [1, 2, 3, 4, 5] and penalty.item() == 0 and stats.neumann_terms is None
+    for t, h in seen:
+        assert torch.allclose(h, unroll(cell, x, h0, t).detach(), atol=0, rtol=0)
+    assert not state.requires_grad and torch.equal(state, seen[-1][1])
+
+
+def test_bf16_autocast_accumulates_in_float32_and_stays_close():
+    cell, x, h0, r = (z.float() if isinstance(z, torch.Tensor) else z.float() for z in conv_setup())
+    x = x.detach().requires_grad_()
+    ref = grads((crbp.run(cell, x, h0, steps=10, algo="c-rbp")[0] * r).sum(), cell, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state, penalty, stats = crbp.run(cell, x, h0, steps=10, algo="c-rbp")
+        loss = (state.float() * r).sum() + penalty
+    assert penalty.dtype == torch.float32
+    for a, b in zip(grads(loss, cell, x), ref):
+        assert torch.isfinite(a).all() and rel(a, b) < 5e-2
+    assert stats.neumann_terms > 0
+
+
+# ---- Bad input says what to pass ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(algo="rpb"), "algo must be one of"),
+    (dict(steps=0), "steps must be an int >= 1"),
+    (dict(steps=2.0), "steps must be an int"),
+    (dict(steps=1, algo="rbp"), "needs steps >= 2"),
+    (dict(algo="tbptt"), "needs truncate"),
+    (dict(algo="tbptt", truncate=9), "needs truncate"),
+    (dict(algo="bptt", truncate=2), "only used by tbptt"),
+    (dict(mu=1.0), r"mu must be a number in \[0, 1\)"),
+    (dict(mu=-0.1), r"mu must be"),
+    (dict(neumann_steps=-1), "neumann_steps"),
+    (dict(tol=-1), "tol"),
+    (dict(grad_cap=0), "grad_cap"),
+    (dict(nonfinite="ignore"), "nonfinite"),
+    (dict(on_step=3), "on_step"),
+    (dict(neuman_steps=5), "did you mean 'neumann_steps'"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+    cell, x, h0, _ = dense_setup()
+    kwargs = {"steps": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        crbp.run(cell, x, h0, **kwargs)
+
+
+def test_bad_cells_and_states_raise_value_error():
+    cell, x, h0, _ = dense_setup()
+    with pytest.raises(ValueError, match="callable"):
+        crbp.run("cell", x, h0, steps=3)
+    with pytest.raises(ValueError, match="h0 must be"):
+        crbp.run(cell, x, [1.0], steps=3)
+    with pytest.raises(ValueError, match="h0 must be"):
+        crbp.run(cell, x, torch.zeros(B, D, dtype=torch.long), steps=3)
+    with pytest.raises(ValueError, match="must return a state like h"):
+        crbp.run(lambda h, x: h[:, :2], x, h0, steps=3)
+    with pytest.raises(ValueError, match="must return a state like h"):
+        crbp.run(lambda h, x: h.float(), x, h0, steps=3)
+    with pytest.raises(ValueError, match="must return a state like h"):
+        crbp.run(lambda s, x: s[0], x, (h0, h0), steps=3)
+    with pytest.raises(ValueError, match="the cell's output must be"):
+        crbp.run(lambda h, x: None, x, h0, steps=3)
+    with pytest.raises(ValueError, match="requires grad"):
+        crbp.lcp(h0 * 2, h0)
+    with pytest.raises(ValueError, match="reduction"):
+        crbp.lcp(h0, h0, reduction="max")
+
+
+# ---- crbp.py stands alone --------------------------------------------------------------------------
+
+def test_crbp_imports_only_torch_and_stdlib_and_works_copied_alone(tmp_path):
+    src = open(os.path.join(os.path.dirname(__file__), "crbp.py")).read()
+    roots = {a.name.split(".")[0] for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
+    assert roots <= {"torch"} | set(sys.stdlib_module_names)
+    (tmp_path / "crbp.py").write_text(src)
+    code = ("import torch, crbp; h, p, s = crbp.run(lambda h, x: torch.tanh(0.5 * h + x), torch.ones(2, 3, "
+            "requires_grad=True), torch.zeros(2, 3), steps=5); h.sum().backward(); print(s.neumann_stop)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in crbp.STOPS
