@@ -338,6 +338,17 @@ def test_no_grad_runs_plain_steps_and_on_step_sees_every_state():
     assert not state.requires_grad and torch.equal(state, seen[-1][1])
 
 
+def test_no_grad_cell_serves_only_the_steps_without_grad():
+    cell, x, h0, r = dense_setup()
+    calls = []
+    fast = lambda h, x: (calls.append(torch.is_grad_enabled()), cell(h, x))[1]
+    state, _, _ = crbp.run(cell, x, h0, steps=6, algo="rbp", no_grad_cell=fast)
+    ref, _, _ = crbp.run(cell, x, h0, steps=6, algo="rbp")
+    assert calls == [False] * 5 and torch.equal(state, ref)
+    for a, b in zip(grads((state * r).sum(), cell, x), grads((ref * r).sum(), cell, x)):
+        assert torch.equal(a, b)
+
+
 def test_bf16_autocast_accumulates_in_float32_and_stays_close():
     cell, x, h0, r = (z.float() if isinstance(z, torch.Tensor) else z.float() for z in conv_setup())
     x = x.detach().requires_grad_()
@@ -368,6 +379,7 @@ def test_bf16_autocast_accumulates_in_float32_and_stays_close():
     (dict(grad_cap=0), "grad_cap"),
     (dict(nonfinite="ignore"), "nonfinite"),
     (dict(on_step=3), "on_step"),
+    (dict(no_grad_cell="fast"), "no_grad_cell"),
     (dict(neuman_steps=5), "did you mean 'neumann_steps'"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
