@@ -315,7 +315,7 @@ def _check_run_args(cell, steps, algo, K, mu, truncate, tol, grad_cap, nonfinite
         fail(f"algo must be one of {ALGOS}, got {algo!r}")
     if not is_int(steps) or steps < 1:
         fail(f"steps must be an int >= 1, got {steps!r}")
-    if algo.endswith("rbp") and steps < 2:
+    if algo.endswith("rbp") and steps < 2 and torch.is_grad_enabled():  # under no_grad any T runs plain steps
         fail(f"{algo} needs steps >= 2 (T-1 steps without grad, then one on the tape), got {steps}")
     if algo.endswith("tbptt") and not (is_int(truncate) and 1 <= truncate <= steps):
         fail(f"{algo} needs truncate, the number of last steps to backpropagate through, in 1..{steps}; "

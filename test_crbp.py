@@ -336,6 +336,8 @@ def test_no_grad_runs_plain_steps_and_on_step_sees_every_state():
     for t, h in seen:
         assert torch.allclose(h, unroll(cell, x, h0, t).detach(), atol=0, rtol=0)
     assert not state.requires_grad and torch.equal(state, seen[-1][1])
+    with torch.no_grad():  # an evaluation sweep over t = 1..T may ask rbp for one step
+        assert torch.equal(crbp.run(cell, x, h0, steps=1, algo="rbp").state, seen[0][1])
 
 
 def test_no_grad_cell_serves_only_the_steps_without_grad():

@@ -1,0 +1,684 @@
+"""Recurrent vision models as crbp cells: hGRU, hGRU-GN, ConvLSTM, LocRNN, ConvGRU, and feedforward controls.
+
+    [CRBP] Linsley, Ashok, Govindarajan, Liu, Serre. "Stable and expressive recurrent vision models."
+           NeurIPS 2020 (supplement §3): the Pathfinder hGRU, its ConvLSTM and 6-layer CNN controls, and
+           the GroupNorm hGRU of the panoptic mask head.
+    [LOC]  "Cortically motivated recurrence enables task extrapolation" (ICLR 2023 submission, §4.1):
+           LocRNN, ConvGRU, and the ResNet / R-ResNet of Schwarzschild et al. (NeurIPS 2021) on Mazes.
+
+Where the authors' code and their paper disagree we follow the code that produced the numbers, say so in a
+comment marked "code vs paper", and offer the paper's form as an option where it is cheap.
+
+Every recurrent model is  front end -> cell run by crbp.run -> readout:
+
+    x   = front(images)                                    # static drive, computed once with grad
+    h_T = crbp.run(cell, x, h_0, steps=T, algo=...).state  # h_t = cell(h_{t-1}, x), t = 1..T
+    y   = readout(h_T)
+
+    model = models.build("hgru", task="pathfinder-seg")              # the C-RBP paper's hGRU
+    logits, penalty, stats, _ = model(images, steps=20, algo="c-rbp")
+    loss = focal_loss(logits, masks) + 10 * penalty                   # LCP weight 10 as in the paper
+    per_t = model.eval()(images, steps=40, per_step=True).per_step   # readout after every step, no graph
+
+Tasks: "pathfinder-seg" (images B x 1 x H x W -> per-pixel logits B x 2 x H x W, the C-RBP paper),
+"pathfinder-cls" (B x 1 x H x W -> B x 2, the LocRNN paper's Pathfinder), "mazes" (B x 3 x H x W -> per-pixel
+B x 2 x H x W). Default sizes per task are in TASKS and in each constructor below; build() lists the options.
+"""
+import inspect
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import crbp
+
+TASKS = {  # input channels, drive width, default steps T and algo (T=20 C-RBP for PF-14; LocRNN code's T)
+    "pathfinder-seg": dict(in_channels=1, width=25, steps=20, algo="c-rbp"),
+    "pathfinder-cls": dict(in_channels=1, width=32, steps=12, algo="bptt"),
+    "mazes": dict(in_channels=3, width=64, steps=15, algo="bptt"),
+}
+MIN_SIZE = 8  # smallest image side we accept (the Pathfinder-cls stem downsamples by 4)
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor  # B x 2 x H x W (seg, mazes) or B x 2 (cls)
+    penalty: torch.Tensor  # 0-d LCP at the last transition; zero without "c-" or for feedforward models
+    stats: Optional[crbp.Stats]  # None for feedforward models
+    per_step: Optional[list]  # when asked: the readout (or the state) after each step t = 1..T, detached
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Front ends and readouts
+
+
+def gabor_bank() -> torch.Tensor:
+    """The C-RBP hGRU's 7x7 front-end bank, 25 x 1 x 7 x 7, built analytically (no data file).
+
+    The paper code loads `gabor_serre.npy`, whose filters 0..23 are zero-mean unit-norm oriented Gabors and
+    filter 24 a positive blob (entries 1.69 or 0, sum 49). The file is not public, so the Gabors are rebuilt
+    with Serre et al.'s (2007) S1 parameters for the 7x7 scale (sigma 2.8, wavelength 3.5, aspect 0.3):
+    12 orientations theta = k*15 deg times 2 phases (even cos, odd sin), order theta-major. The blob is the
+    disc x^2 + y^2 <= 9: 29 pixels of 49/29 = 1.69, sum 49, as in the file.
+    """
+    r = torch.arange(7, dtype=torch.float64) - 3
+    y, x = torch.meshgrid(r, r, indexing="ij")  # (7, 7) pixel offsets, y down, x right
+    filters = []
+    for k in range(12):
+        th = k * math.pi / 12
+        u, v = x * math.cos(th) + y * math.sin(th), -x * math.sin(th) + y * math.cos(th)
+        # G(u, v) = exp(-(u^2 + a^2 v^2) / (2 sigma^2)) * cos(2 pi u / lambda + phase)
+        env = torch.exp(-(u ** 2 + 0.3 ** 2 * v ** 2) / (2 * 2.8 ** 2))
+        for phase in (0.0, math.pi / 2):
+            g = env * torch.cos(2 * math.pi * u / 3.5 + phase)
+            g = g - g.mean()
+            filters.append(g / g.norm())
+    blob = (x ** 2 + y ** 2 <= 9).double()
+    filters.append(blob * 49 / blob.sum())
+    return torch.stack(filters)[:, None].float()  # (25, 1, 7, 7)
+
+
+class GaborEnergy(nn.Module):
+    """Pathfinder-seg drive of [CRBP]: Z = (conv0 * I)^2, conv0 7x7 1->25 initialised with gabor_bank().
+
+    conv0 stays trainable (the paper code only overwrote .data); its bias keeps PyTorch's default init.
+    The square makes Z >= 0, which the hGRU's suppression stage assumes. No normalisation follows.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 25, 7, padding=3)
+        with torch.no_grad():
+            self.conv0.weight.copy_(gabor_bank())
+
+    def forward(self, images):
+        return self.conv0(images).square()  # (B, 25, H, W)
+
+
+def gabor_stem_bank(n: int = 32, size: int = 11) -> torch.Tensor:
+    """The LocRNN code's frozen Pathfinder stem bank, n x 1 x size x size.
+
+    theta = linspace(0, pi, n/2) with both ends (so theta = 0 and pi repeat, as in the code), phases {0, pi},
+    2 cycles over the support (sf = 2/size), isotropic envelope sigma = size/4, peak 0.5, cosine carrier:
+        w(x, y) = 0.5 exp(-(x^2 + y^2) / (2 sigma^2)) cos(2 pi sf (x cos theta + y sin theta) + phase)
+    """
+    r = torch.arange(size, dtype=torch.float64) - size // 2
+    y, x = torch.meshgrid(r, r, indexing="ij")
+    env = 0.5 * torch.exp(-(x ** 2 + y ** 2) / (2 * (size / 4) ** 2))
+    bank = [env * torch.cos(2 * math.pi * (2 / size) * (x * math.cos(th) + y * math.sin(th)) + ph)
+            for th in torch.linspace(0, math.pi, n // 2).tolist() for ph in (0.0, math.pi)]
+    return torch.stack(bank)[:, None].float()
+
+
+class GaborStem(nn.Module):
+    """Pathfinder-cls stem of [LOC]: frozen 11x11 stride-2 Gabor conv, BN, ReLU, max-pool 3/2: stride 4.
+
+    code vs paper: the paper's table says "Gabor filter 3x3"; we follow the code's 11x11 stride-2 bank.
+    code vs ours: the code reads RGB copies of the grey image and applies the same filter to all 3 channels;
+    on our 1-channel images that is the filter times 3. The code also resizes 150 -> 160 px; we take the
+    images at whatever size data.py gives (150 -> 38 x 38 maps instead of 40 x 40).
+    """
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.register_buffer("weight", 3 * gabor_stem_bank(width))  # frozen: a buffer, not a parameter
+        self.bn = nn.BatchNorm2d(width)
+
+    def forward(self, images):
+        x = F.relu(self.bn(F.conv2d(images, self.weight, stride=2, padding=5)))
+        return F.max_pool2d(x, 3, stride=2, padding=1)  # (B, 32, H/4, W/4)
+
+
+def maze_stem(in_channels: int, width: int, bn: bool = True) -> nn.Module:
+    """Mazes stem: conv3x3 (no bias), BN, ReLU (LocRNN code's recurrent models) or without BN (ResNets)."""
+    bn = [nn.BatchNorm2d(width)] if bn else []
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), *bn, nn.ReLU())
+
+
+def maze_head(channels: int, bn: bool = True) -> nn.Module:
+    """Mazes per-pixel head: conv3x3 C->32->8->2, no biases; with BN (LocRNN code) or without (ResNets)."""
+    layers = []
+    for a, b in ((channels, 32), (32, 8)):
+        layers += [nn.Conv2d(a, b, 3, padding=1, bias=False)] + ([nn.BatchNorm2d(b)] if bn else []) + [nn.ReLU()]
+    return nn.Sequential(*layers, nn.Conv2d(8, 2, 3, padding=1, bias=False))
+
+
+class SegReadout(nn.Sequential):
+    """Pathfinder-seg readout of [CRBP]: BN (batch statistics in train and eval) + 1x1 conv to 2 classes.
+
+    conv6 is xavier-normal with both biases log(0.99/0.01) (equal biases cancel in the softmax).
+    """
+
+    def __init__(self, channels: int):
+        conv = nn.Conv2d(channels, 2, 1)
+        nn.init.xavier_normal_(conv.weight)
+        nn.init.constant_(conv.bias, math.log(0.99 / 0.01))
+        super().__init__(nn.BatchNorm2d(channels, eps=1e-3, track_running_stats=False), conv)
+
+
+class GlobalMaxLinear(nn.Module):
+    """Pathfinder-cls head of [LOC] after a 2-channel map: global max over space, then Linear(2, 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(x.amax(dim=(2, 3)))  # (B, 2, H, W) -> (B, 2)
+
+
+def _ends(task, channels):
+    """(front end, readout) of the recurrent models for a task; `channels` = the cell's output channels."""
+    if task == "pathfinder-seg":
+        return GaborEnergy(), SegReadout(channels)
+    if task == "pathfinder-cls":
+        return GaborStem(TASKS[task]["width"]), nn.Sequential(nn.Conv2d(channels, 2, 1), GlobalMaxLinear())
+    return maze_stem(3, TASKS[task]["width"]), maze_head(channels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recurrent cells: forward(h, x) -> h_next, the interface of crbp.run; init_state(x) -> h_0
+
+
+def _per_channel(channels, value):
+    return nn.Parameter(torch.full((channels, 1, 1), float(value)))  # C x 1 x 1, broadcasts over space
+
+
+class HGRUCell(nn.Module):
+    """The Pathfinder hGRU of [CRBP] as in the code that produced the paper's numbers (hgrucleanSEG.py).
+
+    State H (B x C x H x W, H_0 = 0), drive Z >= 0 with the same shape. C channels, E x E horizontal kernels.
+    Parameters with the paper code's 15 x 15 kernels and its front end and readout: 284,127, i.e. the code's
+    284,227 minus the 100 parameters of its two BatchNorms that are allocated but never used (we drop them:
+    their gradient would be None). Kernel sweep: 104,127 / 34,127 / 14,127 for E = 9 / 5 / 3.
+
+    bias_init: "trained" = the gate biases b1 ~ U(1, 7), b2 = -b1, as trained (the code's .log() was not in
+               place, so it never applied); "log" = the intended chronos init b1 = log U(1, 7).
+    form:      "code" (default) or "supplement": SI §3.1's stage 2, one nu on (C2 + S) instead of kappa and
+               gamma, and no softplus on the new state. Its nu starts at 1.0 (gamma's init; the SI gives none).
+    """
+
+    def __init__(self, channels: int = 25, kernel: int = 15, *, bias_init: str = "trained", form: str = "code"):
+        super().__init__()
+        _check_int("channels", channels, 1)
+        _check_kernel("kernel", kernel)
+        _check_choice("bias_init", bias_init, ("trained", "log"))
+        _check_choice("form", form, ("code", "supplement"))
+        C, self.form, self.pad = channels, form, kernel // 2
+        self.u1 = nn.Conv2d(C, C, 1)  # U^S, b1: stage-1 (suppression) gate
+        self.u2 = nn.Conv2d(C, C, 1)  # U^F, b2: stage-2 (update) gate
+        self.w_inh = nn.Parameter(torch.empty(C, C, kernel, kernel))  # W^S, suppressive horizontal kernel
+        self.w_exc = nn.Parameter(torch.empty(C, C, kernel, kernel))  # W^F, facilitative horizontal kernel
+        self.alpha, self.mu = _per_channel(C, 0.1), _per_channel(C, 1.0)  # multiplicative / additive suppression
+        if form == "code":  # code vs paper: separate kappa (on S) and gamma (on C2) where the SI has one nu
+            self.kappa, self.gamma = _per_channel(C, 0.5), _per_channel(C, 1.0)
+        else:
+            self.nu = _per_channel(C, 1.0)
+        self.omega = _per_channel(C, 0.5)  # multiplicative facilitation
+        # code vs paper: BN eps 1e-3, weight 0.1, and no running statistics, so batch statistics are used in
+        # train AND eval (the paper's test numbers were made that way, per GPU batch of 32). Shared over steps.
+        self.bn_inh = nn.BatchNorm2d(C, eps=1e-3, track_running_stats=False)
+        self.bn_exc = nn.BatchNorm2d(C, eps=1e-3, track_running_stats=False)
+        with torch.no_grad():
+            for w in (self.w_inh, self.w_exc, self.u1.weight, self.u2.weight):
+                nn.init.orthogonal_(w)  # flattened to C x (C E E): orthonormal rows
+            for bn in (self.bn_inh, self.bn_exc):
+                bn.weight.fill_(0.1)
+            self.u1.bias.uniform_(1, 7)  # the gates start mostly open for stage 1, mostly closed for stage 2
+            if bias_init == "log":
+                self.u1.bias.log_()
+            self.u2.bias.copy_(-self.u1.bias)
+
+    def init_state(self, z):
+        return torch.zeros_like(z)
+
+    def forward(self, h, z):
+        sp = F.softplus  # the rectifier [.]_+ of the paper is softplus (beta 1)
+        # Stage 1, suppression:
+        #   G1 = sigmoid(U1 * H + b1);   C1 = BN(W_inh * (H . G1))
+        #   S  = sp(Z - sp(C1 . (alpha H + mu)))
+        g1 = torch.sigmoid(self.u1(h))
+        c1 = self.bn_inh(F.conv2d(h * g1, self.w_inh, padding=self.pad))
+        s = sp(z - sp(c1 * (self.alpha * h + self.mu)))
+        # Stage 2, facilitation:
+        #   G2 = sigmoid(U2 * S + b2);   C2 = BN(W_exc * S)
+        g2 = torch.sigmoid(self.u2(s))
+        c2 = self.bn_exc(F.conv2d(s, self.w_exc, padding=self.pad))
+        if self.form == "code":
+            #   H~  = sp(kappa S + gamma C2 + omega S . C2)
+            #   H_t = sp((1 - G2) . H + G2 . H~)       code vs paper: the SI has no softplus here
+            h_hat = sp(self.kappa * s + self.gamma * c2 + self.omega * s * c2)
+            return sp((1 - g2) * h + g2 * h_hat)
+        #   H~ = sp(nu (C2 + S) + omega C2 . S);   H_t = (1 - G2) . H + G2 . H~     (supplement §3.1)
+        h_hat = sp(self.nu * (c2 + s) + self.omega * c2 * s)
+        return (1 - g2) * h + g2 * h_hat
+
+
+class HGRUGNCell(nn.Module):
+    """The hGRU of [CRBP]'s panoptic mask head (rnns.py hConvGRUCell, GALA=True, less softplus, NORM=GN).
+
+    Differs from HGRUCell: GroupNorm, a GALA-style stage-1 gate (a per-pixel channel bottleneck times a
+    spatial map; no global pooling in that code), no inner softplus in the suppression, H~ = sp(GN(W_exc * S))
+    without kappa/gamma/omega, no softplus on the new state, Kaiming-normal init, gate bias U(1, T - 1).
+    With 256 channels and 3x3 kernels it has 1,576,256 parameters, as in the paper's mask head.
+    """
+
+    def __init__(self, channels: int = 256, kernel: int = 3, *, groups: int = 32, timesteps: int = 20):
+        super().__init__()
+        _check_int("channels", channels, 4)
+        _check_kernel("kernel", kernel)
+        _check_int("timesteps", timesteps, 1)
+        if not (isinstance(groups, int) and groups >= 1 and channels % groups == 0):
+            raise ValueError(f"groups must be an int that divides channels={channels}, got {groups!r}")
+        C, self.pad = channels, kernel // 2
+        self.glob0 = nn.Conv2d(C, C // 4, 1)  # U_c0 (+ b_c0): global (channel) path, reduction 4
+        self.glob1 = nn.Conv2d(C // 4, C, 1, bias=False)  # U_c1
+        self.loc0 = nn.Conv2d(C, C // 2, 3, padding=1)  # W_s0 (+ b_s): local (spatial) path
+        self.loc1 = nn.Conv2d(C // 2, 1, 3, padding=1, bias=False)  # W_s1, one map
+        self.b1 = _per_channel(C, 0.0)  # b_comb, bias of the stage-1 gate
+        self.u2 = nn.Conv2d(C, C, 1)  # update gate
+        self.w_inh = nn.Parameter(torch.empty(C, C, kernel, kernel))
+        self.w_exc = nn.Parameter(torch.empty(C, C, kernel, kernel))
+        self.alpha, self.mu = _per_channel(C, 0.1), _per_channel(C, 1.0)
+        self.gn_inh, self.gn_exc = nn.GroupNorm(groups, C), nn.GroupNorm(groups, C)
+        with torch.no_grad():
+            for w in (self.glob0.weight, self.glob1.weight, self.loc0.weight, self.loc1.weight,
+                      self.u2.weight, self.w_inh, self.w_exc):
+                nn.init.kaiming_normal_(w)
+            self.loc0.bias.zero_()
+            for gn in (self.gn_inh, self.gn_exc):
+                gn.weight.fill_(0.1)
+            # U(1, T - 1) with T = max(timesteps, 2), as trained (again the .log() was not in place).
+            self.b1.uniform_(1, max(timesteps, 2) - 1)
+            self.u2.bias.copy_(-self.b1.flatten())
+
+    def init_state(self, x):
+        return torch.zeros_like(x)
+
+    def forward(self, h, x):
+        sp = F.softplus
+        #   G1 = sigmoid( U_c1 * sp(U_c0 * H + b_c0)  .  W_s1 * sp(W_s0 * H + b_s)  +  b1 )
+        g_glob = self.glob1(sp(self.glob0(h)))  # (B, C, H, W)
+        g_loc = self.loc1(sp(self.loc0(h)))  # (B, 1, H, W), broadcast over channels
+        g1 = torch.sigmoid(g_glob * g_loc + self.b1)
+        #   C1 = GN(W_inh * (H . G1));   S = sp(X - C1 . (alpha H + mu))   (no inner softplus)
+        c1 = self.gn_inh(F.conv2d(h * g1, self.w_inh, padding=self.pad))
+        s = sp(x - c1 * (self.alpha * h + self.mu))
+        #   G2 = sigmoid(U2 * S + b2);   H~ = sp(GN(W_exc * S));   H_t = (1 - G2) . H + G2 . H~
+        g2 = torch.sigmoid(self.u2(s))
+        h_hat = sp(self.gn_exc(F.conv2d(s, self.w_exc, padding=self.pad)))
+        return (1 - g2) * h + g2 * h_hat
+
+
+class ConvLSTMCell(nn.Module):
+    """ConvLSTM control of [CRBP] (convlstm.py): E x E kernels on both paths, no peepholes, default init.
+
+    The x-path convs have a bias, the h-path convs none. The four gates share one conv per path (same init
+    distribution as four convs: the fan-in is the same). State (h, c), both zero at t = 0.
+    code vs crbp: the paper code's RBP and LCP used only the diagonal blocks (dh/dh, dc/dc); crbp.run
+    treats (h, c) as one state (see crbp.lcp).
+    """
+
+    def __init__(self, in_channels: int, channels: int, kernel: int):
+        super().__init__()
+        _check_int("channels", channels, 1)
+        _check_kernel("kernel", kernel)
+        self.wx = nn.Conv2d(in_channels, 4 * channels, kernel, padding=kernel // 2)
+        self.wh = nn.Conv2d(channels, 4 * channels, kernel, padding=kernel // 2, bias=False)
+
+    def init_state(self, x):
+        z = x.new_zeros(x.shape[0], self.wh.in_channels, *x.shape[2:])
+        return z, z.clone()
+
+    def forward(self, state, x):
+        h, c = state
+        # [i, f, o, g] = W_x * x + b + W_h * h
+        i, f, o, g = (self.wx(x) + self.wh(h)).chunk(4, dim=1)  # 4 x (B, C, H, W)
+        # c' = sigmoid(f) . c + sigmoid(i) . tanh(g);   h' = sigmoid(o) . tanh(c')
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class LocRNNCell(nn.Module):
+    """LocRNN of [LOC] §4.1 (the code's DaleRNN): two populations, L (long-range) and S (short-range).
+
+    W_ll, W_ls (into L) are long_kernel x long_kernel and W_sl, W_ss (into S) short x short, each pair one
+    conv over [L; S] with one bias; the drive terms W_lx, W_sx and the gates U are 1x1 convs. "LN" is
+    GroupNorm(1, C): per sample over (C, H, W), per-channel affine. No sign (Dale) constraint. Only L is
+    read out. code vs paper: the paper lists a divisive normalisation ("divnorm 3x3 / 5x5") that the code
+    does not have (we follow the code); the Mazes code starts from learned embeddings (LocRNNEmbedding),
+    the paper and the Pathfinder code from zeros.
+    """
+
+    def __init__(self, in_channels: int, channels: int, long_kernel: int, short_kernel: int):
+        super().__init__()
+        _check_int("channels", channels, 1)
+        _check_kernel("long_kernel", long_kernel)
+        _check_kernel("short_kernel", short_kernel)
+        C = channels
+        self.u_lx, self.u_ll = nn.Conv2d(in_channels, C, 1), nn.Conv2d(C, C, 1)
+        self.u_sx, self.u_ss = nn.Conv2d(in_channels, C, 1), nn.Conv2d(C, C, 1)
+        self.w_lx, self.w_sx = nn.Conv2d(in_channels, C, 1), nn.Conv2d(in_channels, C, 1)
+        self.w_l = nn.Conv2d(2 * C, C, long_kernel, padding=long_kernel // 2)  # [W_ll | W_ls]
+        self.w_s = nn.Conv2d(2 * C, C, short_kernel, padding=short_kernel // 2)  # [W_sl | W_ss]
+        self.ln_lx, self.ln_ll, self.ln_sx, self.ln_ss, self.ln_l, self.ln_s = (nn.GroupNorm(1, C) for _ in range(6))
+
+    def init_state(self, x):
+        z = x.new_zeros(x.shape[0], self.u_ll.in_channels, *x.shape[2:])
+        return z, z.clone()
+
+    def forward(self, state, x):
+        L, S = state
+        LS = torch.cat([L, S], dim=1)  # (B, 2C, H, W)
+        # G^L = sigmoid(LN(U_lx * X) + LN(U_ll * L));   G^S = sigmoid(LN(U_sx * X) + LN(U_ss * S))     (1, 2)
+        gl = torch.sigmoid(self.ln_lx(self.u_lx(x)) + self.ln_ll(self.u_ll(L)))
+        gs = torch.sigmoid(self.ln_sx(self.u_sx(x)) + self.ln_ss(self.u_ss(S)))
+        # L~ = relu(W_lx * X + W_ll * L + W_ls * S);    S~ = relu(W_sx * X + W_sl * L + W_ss * S)    (3, 4)
+        l_new = F.relu(self.w_lx(x) + self.w_l(LS))
+        s_new = F.relu(self.w_sx(x) + self.w_s(LS))
+        # L = relu(LN(G^L . L~ + (1 - G^L) . L));       S = relu(LN(G^S . S~ + (1 - G^S) . S))       (5, 6)
+        return F.relu(self.ln_l(gl * l_new + (1 - gl) * L)), F.relu(self.ln_s(gs * s_new + (1 - gs) * S))
+
+
+class LocRNNEmbedding(nn.Module):
+    """The Mazes LocRNN's initial state: L_0 = E_L * X, S_0 = E_S * X (1x1 convs with bias).
+
+    It sits outside the cell because crbp.run gives h_0 a gradient only when the tape reaches step 1
+    (bptt, c-bptt, tbptt with truncate = T): under rbp these 8,320 parameters stay at their init.
+    """
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.e_l, self.e_s = nn.Conv2d(in_channels, channels, 1), nn.Conv2d(in_channels, channels, 1)
+
+    def forward(self, x):
+        return self.e_l(x), self.e_s(x)
+
+
+class ConvGRUCell(nn.Module):
+    """ConvGRU of the LocRNN code (convgru_layer.py): k x k convs over [X; h], orthogonal init, zero bias.
+
+    act="tanh" is the code; act="relu" is the variant the LocRNN paper reports as better on Pathfinder.
+    code vs ours: the code's h_0 copies X's shape, which breaks when hidden != input channels (its Pathfinder
+    config); h_0 here is zeros with `channels` channels.
+    """
+
+    def __init__(self, in_channels: int, channels: int, kernel: int, *, act: str = "tanh"):
+        super().__init__()
+        _check_int("channels", channels, 1)
+        _check_kernel("kernel", kernel)
+        _check_choice("act", act, ("tanh", "relu"))
+        C, self.act = channels, torch.tanh if act == "tanh" else F.relu
+        self.w_zr = nn.Conv2d(in_channels + C, 2 * C, kernel, padding=kernel // 2)  # [W_z; W_r]
+        self.w_h = nn.Conv2d(in_channels + C, C, kernel, padding=kernel // 2)
+        with torch.no_grad():  # orthogonal per gate, as three separate convs would be
+            for w in (self.w_zr.weight[:C], self.w_zr.weight[C:], self.w_h.weight):
+                w.copy_(nn.init.orthogonal_(torch.empty_like(w)))
+            self.w_zr.bias.zero_()
+            self.w_h.bias.zero_()
+
+    def init_state(self, x):
+        return x.new_zeros(x.shape[0], self.w_h.out_channels, *x.shape[2:])
+
+    def forward(self, h, x):
+        # z = sigmoid(W_z * [X; h] + b_z);   r = sigmoid(W_r * [X; h] + b_r)
+        z, r = torch.sigmoid(self.w_zr(torch.cat([x, h], dim=1))).chunk(2, dim=1)
+        # h~ = tanh(W_h * [X; r . h] + b_h);   h' = (1 - z) . h + z . h~
+        h_hat = self.act(self.w_h(torch.cat([x, r * h], dim=1)))
+        return (1 - z) * h + z * h_hat
+
+
+class BasicBlock(nn.Module):
+    """Mazes ResNet block (no BN, no bias): h' = relu(h + conv(relu(conv(h))))."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+
+    def forward(self, h):
+        return F.relu(h + self.conv2(F.relu(self.conv1(h))))
+
+
+class RResNetCell(nn.Module):
+    """R-ResNet (Schwarzschild et al. 2021): one group of 2 BasicBlocks applied T times, h_0 = stem(images).
+
+    There is no input injection: the cell ignores x, so only bptt-type training reaches the stem.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.blocks = nn.Sequential(BasicBlock(width), BasicBlock(width))
+
+    def init_state(self, x):
+        return x
+
+    def forward(self, h, x):
+        return self.blocks(h)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+class Recurrent(nn.Module):
+    """front end -> cell run by crbp.run -> readout. See the module docstring."""
+
+    recurrent = True
+
+    def __init__(self, front, readout, *, cell, task, steps=None, algo=None, embed=None, driven=True):
+        super().__init__()
+        self.front, self.cell, self.readout, self.embed = front, cell, readout, embed
+        self.task, self.in_channels, self.driven = task, TASKS[task]["in_channels"], driven
+        self.steps = TASKS[task]["steps"] if steps is None else steps
+        self.algo = TASKS[task]["algo"] if algo is None else algo
+        _check_int("steps", self.steps, 1)
+        _check_choice("algo", self.algo, crbp.ALGOS)
+
+    def forward(self, images, steps=None, algo=None, per_step=False, **crbp_options) -> Output:
+        """Logits after `steps` steps of `algo` (defaults: self.steps, self.algo), the LCP penalty and the
+        crbp stats; options go to crbp.run. per_step=True (or "logits") also returns the readout after every
+        step t = 1..T, per_step="state" the state (detached tensors: no graph of the steps is kept)."""
+        steps = self.steps if steps is None else steps
+        algo = self.algo if algo is None else algo
+        _check_images(images, self.in_channels)
+        _check_choice("per_step", per_step, (False, True, "logits", "state"))
+        if per_step and self.training:
+            raise ValueError("per_step is for evaluation: call model.eval() first (in train mode the per-step "
+                             "readouts would update BatchNorm running statistics)")
+        if not self.driven and torch.is_grad_enabled() and _cuts_tape(algo, steps, crbp_options.get("truncate")):
+            raise ValueError(f"{algo} does not backpropagate to step 1, and this model has no input drive, so its "
+                             "stem would get no gradient: use bptt, c-bptt, or tbptt with truncate=steps")
+        x = self.front(images)  # the static drive
+        h0 = self.embed(x) if self.embed is not None else self.cell.init_state(x)
+        record, user_on_step = [], crbp_options.pop("on_step", None)
+        if per_step:
+            def on_step(t, h):
+                with torch.no_grad():  # a readout per step without keeping its graph
+                    record.append(_detach(h) if per_step == "state" else self.readout(_first(h)))
+                if user_on_step is not None:
+                    user_on_step(t, h)
+            crbp_options["on_step"] = on_step
+        elif user_on_step is not None:
+            crbp_options["on_step"] = user_on_step
+        state, penalty, stats = crbp.run(self.cell, x, h0, steps=steps, algo=algo, **crbp_options)
+        return Output(self.readout(_first(state)), penalty, stats, record if per_step else None)
+
+
+class Feedforward(nn.Module):
+    """A feedforward control with the models' forward signature: no steps, no algo, zero penalty."""
+
+    recurrent = False
+    steps = algo = None
+
+    def __init__(self, net, *, task):
+        super().__init__()
+        self.net, self.task, self.in_channels = net, task, TASKS[task]["in_channels"]
+
+    def forward(self, images, steps=None, algo=None, per_step=False, **crbp_options) -> Output:
+        if steps is not None or algo not in (None, "bptt") or per_step or crbp_options:
+            raise ValueError("a feedforward model has no steps: call model(images) without steps, algo (other than "
+                             f"'bptt'), per_step or crbp options; got steps={steps!r}, algo={algo!r}, "
+                             f"per_step={per_step!r}, options={sorted(crbp_options)}")
+        _check_images(images, self.in_channels)
+        logits = self.net(images)
+        return Output(logits, logits.new_zeros(()), None, None)
+
+
+def _ff6(in_channels, channels, kernel, layers):
+    """The C-RBP paper's feedforward control (FFnet.py): conv0 7x7 (no bias, random init: the Gabor load is
+    commented out, and no square), BN0, then `layers` x [conv E x E, BN, ReLU], then a 1x1 conv to 2.
+    Its BNs are default ones (running statistics at eval). 845,527 parameters with 25 channels, 15 x 15, 6."""
+    body = [nn.Conv2d(in_channels, channels, 7, padding=3, bias=False), nn.BatchNorm2d(channels)]
+    for _ in range(layers):
+        body += [nn.Conv2d(channels, channels, kernel, padding=kernel // 2), nn.BatchNorm2d(channels), nn.ReLU()]
+    return nn.Sequential(*body, nn.Conv2d(channels, 2, 1))
+
+
+def _cls(task, net):
+    return nn.Sequential(net, GlobalMaxLinear()) if task == "pathfinder-cls" else net
+
+
+def _pick(task, value, defaults):
+    return defaults[task] if value is None else value
+
+
+# Per-task defaults. Pathfinder-seg follows the C-RBP paper (25 channels, 15 x 15 horizontal kernels for every
+# recurrent model), Pathfinder-cls the LocRNN code's Pathfinder configs (32 channels at 1/4 resolution, 9 x 9),
+# Mazes the LocRNN code's Mazes configs (64 channels, 5 x 5).
+KERNEL = {"pathfinder-seg": 15, "pathfinder-cls": 9, "mazes": 5}
+
+
+def hgru(task="pathfinder-seg", *, kernel=None, steps=None, algo=None, bias_init="trained", form="code"):
+    """hGRU of [CRBP] (HGRUCell) on the task's front end; its channels are the drive's (25 / 32 / 64).
+    On pathfinder-cls and mazes this is still the C-RBP hGRU, not the LocRNN code's hConvGRU port (per-step
+    BatchNorms, ReLU, random h_0), whose per-step BNs cannot run for other step counts."""
+    width = TASKS[task]["width"]
+    cell = HGRUCell(width, _pick(task, kernel, KERNEL), bias_init=bias_init, form=form)
+    return Recurrent(*_ends(task, width), cell=cell, task=task, steps=steps, algo=algo)
+
+
+def hgru_gn(task="pathfinder-seg", *, kernel=None, groups=None, steps=None, algo=None):
+    """Panoptic hGRU (HGRUGNCell) with this task's sizes; groups default to about 8 channels per group as in
+    GN(32) on 256 channels (25 channels: 5 groups). panoptic.py builds HGRUGNCell(256, 3) directly."""
+    width, steps_ = TASKS[task]["width"], TASKS[task]["steps"] if steps is None else steps
+    _check_int("steps", steps_, 1)  # the gate-bias init depends on T
+    cell = HGRUGNCell(width, _pick(task, kernel, KERNEL), timesteps=steps_,
+                      groups=_pick(task, groups, {"pathfinder-seg": 5, "pathfinder-cls": 4, "mazes": 8}))
+    return Recurrent(*_ends(task, width), cell=cell, task=task, steps=steps, algo=algo)
+
+
+def convlstm(task="pathfinder-seg", *, channels=None, kernel=None, steps=None, algo=None):
+    """ConvLSTM control of [CRBP]: the hGRU's front end and readout (1,126,452 parameters on Pathfinder-seg)."""
+    width = TASKS[task]["width"]
+    channels = _pick(task, channels, {t: d["width"] for t, d in TASKS.items()})
+    cell = ConvLSTMCell(width, channels, _pick(task, kernel, KERNEL))
+    return Recurrent(*_ends(task, channels), cell=cell, task=task, steps=steps, algo=algo)
+
+
+def locrnn(task="pathfinder-seg", *, channels=None, long_kernel=None, short_kernel=None, init_state=None,
+           steps=None, algo=None):
+    """LocRNN of [LOC]. Pathfinder-cls: 32 channels, 9 x 9 / 5 x 5, zero init, T = 12. Mazes: 64 channels,
+    5 x 5 / 3 x 3, embedding init, T = 15. Pathfinder-seg: 32 channels, 15 x 15 / 5 x 5, zero init."""
+    width = TASKS[task]["width"]
+    channels = _pick(task, channels, {"pathfinder-seg": 32, "pathfinder-cls": 32, "mazes": 64})
+    init_state = _pick(task, init_state, {"pathfinder-seg": "zeros", "pathfinder-cls": "zeros", "mazes": "embed"})
+    _check_choice("init_state", init_state, ("zeros", "embed"))
+    cell = LocRNNCell(width, channels, _pick(task, long_kernel, KERNEL),
+                      _pick(task, short_kernel, {"pathfinder-seg": 5, "pathfinder-cls": 5, "mazes": 3}))
+    embed = LocRNNEmbedding(width, channels) if init_state == "embed" else None
+    return Recurrent(*_ends(task, channels), cell=cell, task=task, steps=steps, algo=algo, embed=embed)
+
+
+def convgru(task="pathfinder-seg", *, channels=None, kernel=None, act="tanh", steps=None, algo=None):
+    """ConvGRU of the LocRNN code. Pathfinder-cls: 32 -> 24 channels, 9 x 9; Mazes: 64, 5 x 5."""
+    width = TASKS[task]["width"]
+    channels = _pick(task, channels, {"pathfinder-seg": 25, "pathfinder-cls": 24, "mazes": 64})
+    cell = ConvGRUCell(width, channels, _pick(task, kernel, KERNEL), act=act)
+    return Recurrent(*_ends(task, channels), cell=cell, task=task, steps=steps, algo=algo)
+
+
+def ff(task="pathfinder-seg", *, channels=25, kernel=15, layers=6):
+    """The C-RBP paper's 6-layer 15 x 15 CNN (see _ff6); for pathfinder-cls followed by max + Linear."""
+    _check_int("channels", channels, 1)
+    _check_kernel("kernel", kernel)
+    _check_int("layers", layers, 1)
+    return Feedforward(_cls(task, _ff6(TASKS[task]["in_channels"], channels, kernel, layers)), task=task)
+
+
+def resnet(task="mazes", *, depth=36, width=64):
+    """Feedforward Mazes ResNet-d (no BN): stem, (d - 4)/2 BasicBlocks, head 64->32->8->2.
+    ResNet-12 / 20 / 36: 317,520 / 612,432 / 1,202,256 parameters (Mazes)."""
+    if not (isinstance(depth, int) and depth >= 8 and (depth - 4) % 4 == 0):
+        raise ValueError(f"depth must be 8, 12, 16, ... (4 + 4 k), got {depth!r}")
+    _check_int("width", width, 1)
+    blocks = [BasicBlock(width) for _ in range((depth - 4) // 2)]
+    net = nn.Sequential(maze_stem(TASKS[task]["in_channels"], width, bn=False), *blocks, maze_head(width, bn=False))
+    return Feedforward(_cls(task, net), task=task)
+
+
+def rresnet(task="mazes", *, width=64, steps=None, algo=None):
+    """Weight-tied R-ResNet: R-ResNet-d runs its 2-block group (d - 4)/4 times, so T = 8 is R-ResNet-36.
+    The head runs after every iteration on request (per_step, the "thoughts"). 170,064 parameters."""
+    _check_int("width", width, 1)
+    return Recurrent(maze_stem(TASKS[task]["in_channels"], width, bn=False), _cls(task, maze_head(width, bn=False)),
+                     cell=RResNetCell(width), task=task, steps=8 if steps is None else steps,
+                     algo="bptt" if algo is None else algo, driven=False)
+
+
+MODELS = {"hgru": hgru, "hgru_gn": hgru_gn, "convlstm": convlstm, "locrnn": locrnn, "convgru": convgru,
+          "ff": ff, "resnet": resnet, "rresnet": rresnet}
+
+
+def build(name: str, task: str = "pathfinder-seg", **options) -> nn.Module:
+    """MODELS[name](task=task, **options), checking the name, the task and the option names."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: pass one of {sorted(MODELS)}")
+    _check_choice("task", task, tuple(TASKS))
+    allowed = [p for p in inspect.signature(MODELS[name]).parameters if p != "task"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for model {name!r}: it takes {allowed}")
+    return MODELS[name](task=task, **options)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _first(h):
+    return h[0] if isinstance(h, tuple) else h  # ConvLSTM (h, c) -> h, LocRNN (L, S) -> L
+
+
+def _detach(h):
+    return tuple(z.detach() for z in h) if isinstance(h, tuple) else h.detach()
+
+
+def _cuts_tape(algo, steps, truncate):
+    """Whether algo leaves step 1 off the tape (so h_0 and a drive-free stem get no gradient)."""
+    return algo in ("rbp", "c-rbp") or (algo in ("tbptt", "c-tbptt") and truncate != steps)
+
+
+def _check_images(images, in_channels):
+    if not (isinstance(images, torch.Tensor) and images.is_floating_point() and images.dim() == 4):
+        raise ValueError(f"images must be a float Tensor B x {in_channels} x H x W, got "
+                         f"{type(images).__name__}{tuple(images.shape) if isinstance(images, torch.Tensor) else ''}")
+    if images.shape[1] != in_channels or min(images.shape[2:]) < MIN_SIZE:
+        raise ValueError(f"images must be B x {in_channels} x H x W with H, W >= {MIN_SIZE} for this task, "
+                         f"got {tuple(images.shape)}")
+
+
+def _check_int(name, value, low):
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_kernel(name, k):
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1):
+        raise ValueError(f"{name} must be an odd int >= 1 (for 'same' padding k // 2), got {k!r}")
+
+
+def _check_choice(name, value, choices):
+    if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
