@@ -3,10 +3,18 @@ PYTHON ?= python3
 # locally. On a GPU box, install the CUDA build of your choice first; deps then installs nothing.
 TORCH ?= torch==2.13.0
 
-.PHONY: test deps
+.PHONY: test deps pathfinder bench
 
 test: deps
 	$(PYTHON) -m pytest -q
+
+# The paper's C-RBP hGRU on Pathfinder-14 (one GPU; a small CPU configuration without one).
+pathfinder:
+	$(PYTHON) train.py --preset pathfinder
+
+# Training throughput of every algorithm on one GPU, plain and fast paths.
+bench:
+	$(PYTHON) bench.py && $(PYTHON) bench.py --fast
 
 deps:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"

@@ -16,8 +16,16 @@ import torch.nn.functional as F
 
 import crbp
 
-torch.set_default_dtype(torch.float64)
 B, D, X = 3, 6, 4  # batch, state size, drive size
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every test here runs in float64 (and leaves the default dtype as it found it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class Dense(nn.Module):
