@@ -27,15 +27,15 @@ PAPER = {("c-rbp", 20, 32): (119, 3.76), ("c-rbp", 20, 128): (140, 14.7), ("c-rb
          ("bptt", 20, 32): (94, 23.5)}
 
 
-def step_fn(model, opt, args, algo, T, batch, fast, device):
+def step_fn(model, opt, args, algo, T, batch, device):
     """One training step on batch `i`; returns the crbp stats."""
     def step(i):
         images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=i)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
-            if fast:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
+            if args.compile:
                 images = images.contiguous(memory_format=torch.channels_last)
             out = model(images, steps=T, algo=algo, neumann_steps=args.neumann_steps, mu=0.9,
-                        **({"no_grad_cell": model.compiled_cell} if fast else {}))
+                        **({"no_grad_cell": model.compiled_cell} if args.compile else {}))
         loss = train.focal_loss(out.logits, target.long()) + (10 * out.penalty if algo.startswith("c-") else 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -50,18 +50,20 @@ def make_fast(model):
     object.__setattr__(model, "compiled_cell", torch.compile(model.cell))  # not a submodule: same state_dict
 
 
-def grad_error(algo, T, batch, device):
+def grad_error(algo, T, batch, device, args):
     """Relative error of the fast path's parameter gradient against the float32 path, same weights and batch."""
     torch.manual_seed(0)
     ref, fast = models.build("hgru").to(device), models.build("hgru").to(device)
     fast.load_state_dict(ref.state_dict())
-    make_fast(fast)
+    if args.compile:
+        make_fast(fast)
     images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=12345)
     grads = []
     for m, on in ((ref, False), (fast, True)):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on):
-            out = m(images.contiguous(memory_format=torch.channels_last) if on else images, steps=T, algo=algo,
-                    **({"no_grad_cell": m.compiled_cell} if on else {}))
+        c = on and args.compile
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on and args.amp):
+            out = m(images.contiguous(memory_format=torch.channels_last) if c else images, steps=T, algo=algo,
+                    **({"no_grad_cell": m.compiled_cell} if c else {}))
         loss = train.focal_loss(out.logits, target.long()) + (10 * out.penalty if algo.startswith("c-") else 0)
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()))]))
     return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
@@ -70,10 +72,10 @@ def grad_error(algo, T, batch, device):
 def bench(algo, T, batch, args, device):
     torch.manual_seed(0)
     model = models.build("hgru").to(device)
-    if args.fast:
+    if args.compile:
         make_fast(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    step = step_fn(model, opt, args, algo, T, batch, args.fast, device)
+    step = step_fn(model, opt, args, algo, T, batch, device)
     for i in range(args.warmup):
         step(i)
     torch.cuda.synchronize()
@@ -87,7 +89,7 @@ def bench(algo, T, batch, args, device):
         terms.append(stats.neumann_terms)
     ips = batch / statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    err = grad_error(algo, T, min(batch, 32), device) if args.fast else 0.0
+    err = grad_error(algo, T, min(batch, 32), device, args) if args.fast else 0.0
     del model, opt
     used = [t for t in terms if t is not None]
     return ips, peak, (statistics.median(used) if used else None), err
@@ -98,10 +100,10 @@ def profile(args, device, batch=32, T=20):
     the top CUDA kernels of a whole step from torch.profiler."""
     torch.manual_seed(0)
     model = models.build("hgru").to(device)
-    if args.fast:
+    if args.compile:
         make_fast(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    extra = {"no_grad_cell": model.compiled_cell} if args.fast else {}
+    extra = {"no_grad_cell": model.compiled_cell} if args.compile else {}
     images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=0)
 
     def timed(fn, n=5):
@@ -116,11 +118,11 @@ def profile(args, device, batch=32, T=20):
         return statistics.median(out)
 
     def forward(steps, algo, grad):
-        with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.fast):
+        with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
             return model(images, steps=steps, algo=algo, **extra)
 
     def train_step(algo="c-rbp", K=15):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.fast):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
             out = model(images, steps=T, algo=algo, neumann_steps=K, **extra)
         loss = train.focal_loss(out.logits, target.long()) + 10 * out.penalty
         opt.zero_grad(set_to_none=True)
@@ -146,7 +148,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="*", default=[f"{a}:{T}:{b}" for a, T, b in PAPER],
                    help="algo:T:batch, e.g. c-rbp:20:32")
-    p.add_argument("--fast", action="store_true", help="bf16 autocast, channels-last, compiled no-grad steps")
+    p.add_argument("--fast", action="store_true", help="all of --amp --compile")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (the Neumann sum accumulates in fp32)")
+    p.add_argument("--compile", action="store_true", help="channels-last, and torch.compile for the no-grad steps")
     p.add_argument("--neumann-steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, cuDNN autotuning)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported")
@@ -156,8 +160,11 @@ def main():
         raise SystemExit("bench.py measures GPU throughput: run it on a machine with a CUDA GPU")
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {'fast' if args.fast else 'plain fp32'} "
+    levers = [n for n, on in (("bf16 autocast", args.amp), ("channels-last + compiled no-grad steps", args.compile)) if on]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {' + '.join(levers) or 'plain fp32'} "
           f"path, median of {args.repeats} steps after {args.warmup} warm-up steps, data rendering included")
+    args.amp, args.compile = args.amp or args.fast, args.compile or args.fast
+    args.fast = args.amp or args.compile  # any lever on: report the error against the plain fp32 path
     if args.profile:
         return profile(args, device)
     rows = []

@@ -435,3 +435,29 @@ def test_crbp_imports_only_torch_and_stdlib_and_works_copied_alone(tmp_path):
                          env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in crbp.STOPS
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rbp_peak_memory_is_flat_in_steps_and_bf16_autocast_runs():
+    dev = torch.device("cuda")
+    cell = Conv(C=8).to(dev, torch.float32)
+    x = torch.randn(8, 1, 64, 64, device=dev, dtype=torch.float32, requires_grad=True)
+    h0 = lambda: torch.zeros(8, 8, 64, 64, device=dev, dtype=torch.float32)
+
+    def peak(algo, T):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        state, penalty, _ = crbp.run(cell, x, h0(), steps=T, algo=algo)
+        (state.sum() + penalty).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    assert peak("c-rbp", 50) <= 1.02 * peak("c-rbp", 5)
+    assert peak("bptt", 50) > 5 * peak("bptt", 5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        state, penalty, stats = crbp.run(cell, x, h0(), steps=10, algo="c-rbp")
+    (state.float().sum() + penalty).backward()
+    assert torch.isfinite(x.grad).all() and stats.neumann_terms > 0 and penalty.dtype == torch.float32
