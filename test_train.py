@@ -113,19 +113,14 @@ def test_svg_plot_parses_and_has_the_series(tmp_path):
 
 # ---- the command line, end to end on the CPU --------------------------------------------------------
 
-@pytest.mark.parametrize("task, model, algo", [
-    ("pathfinder", "hgru", "c-rbp"),
-    ("pathfinder", "convlstm", "c-bptt"),
-    ("pathfinder", "ff", "bptt"),
-    ("pathfinder-cls", "locrnn", "bptt"),
-    ("mazes", "convgru", "tbptt"),
-    ("mazes", "rresnet", "bptt"),
-    ("mazes", "resnet", "bptt"),
-])
-def test_dry_run_trains_evaluates_and_writes_the_run_dir(tmp_path, task, model, algo, capsys):
+MODELS = ["hgru", "hgru_gn", "convlstm", "locrnn", "convgru", "ff", "resnet", "rresnet"]
+
+
+@pytest.mark.parametrize("task", ["pathfinder", "pathfinder-cls", "mazes"])
+@pytest.mark.parametrize("model", MODELS)
+def test_dry_run_trains_evaluates_and_writes_the_run_dir(tmp_path, task, model, capsys):
     out = tmp_path / "run"
-    args = ["--task", task, "--model", model, "--algo", algo, "--dry-run", "--device", "cpu", "--out", str(out)]
-    train.main(args + (["--truncate", "2"] if "tbptt" in algo else []))
+    train.main(["--task", task, "--model", model, "--dry-run", "--device", "cpu", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "parameters" in printed and "held-out" in printed
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -186,6 +181,24 @@ def test_resume_refuses_a_changed_config_and_a_corrupt_checkpoint(tmp_path, caps
         train.main(["--resume", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="already holds a run"):
         train.main(tiny(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("algo", ["c-bptt", "tbptt"])
+def test_other_algos_dry_run(tmp_path, algo):
+    train.main(["--task", "mazes", "--model", "convgru", "--algo", algo, "--dry-run", "--device", "cpu",
+                "--out", str(tmp_path / "run")] + (["--truncate", "2"] if algo == "tbptt" else []))
+    assert "final" in json.loads(open(tmp_path / "run" / "metrics.jsonl").readlines()[-1])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    train.main(tiny(tmp_path / "r", "--until", "8"))
+    good = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    monkeypatch.setattr(train, "task_loss", lambda args, logits, target, free: logits.sum() * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        train.main(["--resume", str(tmp_path / "r")])
+    kept = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert kept["iteration"] == good["iteration"] == 2
+    assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
 
 
 def test_ks_compare_of_two_runs(tmp_path, capsys):

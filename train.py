@@ -539,17 +539,20 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr_at(args, it, iters)
         images, target, free = batch_of(args, "train", it, args.batch_size, device)
-        with autocast(args, device):
-            out = forward(model, images, args.steps, **crbp_options(args))
-        loss = task_loss(args, out.logits, target, free)
-        total = loss + args.penalty_weight * out.penalty if args.algo.startswith("c-") else loss
+        try:
+            with autocast(args, device):
+                out = forward(model, images, args.steps, **crbp_options(args))
+            loss = task_loss(args, out.logits, target, free)
+            total = loss + args.penalty_weight * out.penalty if args.algo.startswith("c-") else loss
+            if not torch.isfinite(total):  # one sync per step; cheap next to a recurrent step
+                raise FloatingPointError(f"non-finite loss ({out.stats})")
+        except FloatingPointError as e:  # crbp.run raises it too, for a non-finite state
+            progress.close()
+            log_jsonl(args.out, {"images": it * args.batch_size, "error": str(e)})
+            raise SystemExit(f"stopped at step {it:,}: {e}. The last good checkpoint is kept in {args.out}. "
+                             "Lower --lr, raise --penalty-weight, or try --algo c-bptt") from None
         opt.zero_grad(set_to_none=True)
         total.backward()
-        if not torch.isfinite(total):  # one sync per step; cheap next to a recurrent step
-            progress.close()
-            log_jsonl(args.out, {"images": (it + 1) * args.batch_size, "error": "non-finite loss"})
-            raise SystemExit(f"non-finite loss at step {it:,} ({out.stats}); the last good checkpoint is kept in "
-                             f"{args.out}. Lower --lr, raise --penalty-weight, or try --algo c-bptt")
         opt.step()
         it += 1
         seen = it * args.batch_size
