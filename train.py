@@ -582,9 +582,15 @@ def report(model, args, device):
     """Held-out metrics at the trained T, per-step curves (also on other lengths), the state-space
     analysis and the figures; printed as a short table and saved in the run directory."""
     metric = curve_metric(args)
-    final = evaluate(model, args, device, args.steps, args.eval_images)
     curves = {(args.grid if args.task == "mazes" else args.length): evaluate(
         model, args, device, args.eval_steps, args.eval_images, per_step=True)}
+    curve = next(iter(curves.values()))  # the metrics after each step t = 1..eval_steps
+    if not model.recurrent:
+        final = curve[0]  # one readout
+    elif args.eval_steps >= args.steps:
+        final = curve[args.steps - 1]  # the per-step pass already evaluated t = T
+    else:
+        final = evaluate(model, args, device, args.steps, args.eval_images)
     for n in args.eval_lengths or []:
         kw = {"grid": n} if args.task == "mazes" else {"length": n}
         curves[n] = evaluate(model, args, device, args.eval_steps, args.eval_images, per_step=True, **kw)
