@@ -399,9 +399,9 @@ def get_parser():
 
 PRESETS = {
     # `make pathfinder`: the paper's C-RBP hGRU on PF-14 seg (T=20, K=15, mu 0.9, LCP weight 10, 15x15
-    # kernels, 150 px) on one GPU, with a budget of images that fits about ten minutes of an H100/H200.
+    # kernels, 150 px) on one GPU: 40k images, measured at 5.9 min on an H200 (README).
     "pathfinder": dict(task="pathfinder", length=14, model="hgru", algo="c-rbp", steps=20, neumann_steps=15,
-                       mu=0.9, penalty_weight=10.0, batch_size=32, lr=1e-3, images=72_000, eval_images=2048,
+                       mu=0.9, penalty_weight=10.0, batch_size=32, lr=1e-3, images=40_000, eval_images=2048,
                        eval_every=8000, eval_steps=40, out="runs/pathfinder-14"),
     # the same without a GPU, small enough for a few minutes on 2 CPU cores: 75 px PF-6, 5x5 kernels, T=8
     "pathfinder-cpu": dict(task="pathfinder", length=6, size=75, model="hgru", kernel=5, algo="c-rbp", steps=8,
