@@ -160,7 +160,8 @@ def main():
         raise SystemExit("bench.py measures GPU throughput: run it on a machine with a CUDA GPU")
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    levers = [n for n, on in (("bf16 autocast", args.amp), ("channels-last + compiled no-grad steps", args.compile)) if on]
+    levers = [name for name, on in (("bf16 autocast", args.amp),
+                                    ("channels-last + compiled no-grad steps", args.compile)) if on]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {' + '.join(levers) or 'plain fp32'} "
           f"path, median of {args.repeats} steps after {args.warmup} warm-up steps, data rendering included")
     args.amp, args.compile = args.amp or args.fast, args.compile or args.fast

@@ -51,7 +51,8 @@ def test_maze_solved_needs_every_free_pixel_and_ignores_walls():
 
 def test_pca_finds_the_direction_of_points_on_a_line():
     d = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64) / 3
-    X = torch.linspace(-2, 3, 11, dtype=torch.float64)[:, None] * d + torch.tensor([5.0, -1.0, 0.5], dtype=torch.float64)
+    origin = torch.tensor([5.0, -1.0, 0.5], dtype=torch.float64)
+    X = torch.linspace(-2, 3, 11, dtype=torch.float64)[:, None] * d + origin
     mean, comps = train.pca(X, k=1)
     assert torch.allclose(mean, X.mean(0)) and math.isclose(abs(float(comps[0] @ d)), 1.0, rel_tol=1e-12)
 

@@ -113,7 +113,7 @@ def state_space(pooled, N, k=2):
 def ks_2samp(a, b):
     """Two-sample Kolmogorov-Smirnov test: (D, p). p from the asymptotic Kolmogorov distribution with
     Stephens' small-sample correction (Numerical Recipes' probks), good for n*m/(n+m) >= ~4."""
-    a, b = torch.sort(torch.as_tensor(a, dtype=torch.float64))[0], torch.sort(torch.as_tensor(b, dtype=torch.float64))[0]
+    a, b = (torch.as_tensor(s, dtype=torch.float64).sort().values for s in (a, b))
     x = torch.cat([a, b])
     cdf_a = torch.searchsorted(a, x, right=True) / len(a)
     cdf_b = torch.searchsorted(b, x, right=True) / len(b)
@@ -161,8 +161,10 @@ def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 32
         if points:
             out += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="1.5" fill="{c}" fill-opacity="0.5"/>' for px, py in pts]
         elif pts:
-            out.append(f'<polyline points="{" ".join(f"{px:.1f},{py:.1f}" for px, py in pts)}" stroke="{c}" fill="none"/>')
-        out.append(f'<text x="{W - m / 2 - 4}" y="{m / 2 + 14 * (i + 1)}" text-anchor="end" fill="{c}">{esc(name)}</text>')
+            xy = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
+            out.append(f'<polyline points="{xy}" stroke="{c}" fill="none"/>')
+        out.append(f'<text x="{W - m / 2 - 4}" y="{m / 2 + 14 * (i + 1)}" text-anchor="end" fill="{c}">'
+                   f'{esc(name)}</text>')
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]))
 
@@ -409,7 +411,9 @@ PRESETS = {
                            eval_images=64, eval_batch_size=32, eval_every=320, eval_steps=16,
                            out="runs/pathfinder-cpu"),
 }
-RESUMABLE = {"resume", "until", "until_minutes", "preset", "device", "eval_images", "eval_every", "eval_steps", "eval_lengths", "out"}
+# options a --resume may change: where it runs, when it stops, and how it is evaluated (not what is trained)
+RESUMABLE = {"resume", "until", "until_minutes", "preset", "device", "eval_images", "eval_every", "eval_steps",
+             "eval_lengths", "out"}
 
 
 def parse_args(argv=None):
@@ -425,14 +429,16 @@ def parse_args(argv=None):
         changed = {k: (saved.get(k), v) for k, v in given.items() if k not in RESUMABLE and saved.get(k) != v}
         if changed:
             parser.error("--resume continues the same run; these differ from its config.json: "
-                         + ", ".join(f"--{k.replace('_', '-')} {new} (run has {old})" for k, (old, new) in changed.items())
+                         + ", ".join(f"--{k.replace('_', '-')} {new} (run has {old})"
+                                     for k, (old, new) in changed.items())
                          + ". Start a new run with --out instead.")
         args = argparse.Namespace(**{**vars(args), **saved, **given, "out": args.resume})
     if args.ks:
         return args
     if args.preset:
         name = args.preset
-        if name == "pathfinder" and args.device in ("auto", "cpu") and not (args.device == "auto" and torch.cuda.is_available()):
+        no_gpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+        if name == "pathfinder" and no_gpu:
             print("no CUDA GPU here: running the small CPU configuration of --preset pathfinder-cpu instead "
                   "(the paper's config needs a GPU)")
             name = "pathfinder-cpu"
