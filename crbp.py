@@ -33,7 +33,7 @@ import torch
 
 ALGOS = ("bptt", "tbptt", "rbp", "c-bptt", "c-tbptt", "c-rbp")
 STOPS = ("max_terms", "tolerance", "diverging", "nonfinite", "grad_cap")  # why the Neumann series stopped
-OPTIONS = ("neumann_steps", "mu", "truncate", "tol", "grad_cap", "nonfinite", "warn", "on_step", "no_grad_cell")
+OPTIONS = ("neumann_steps", "mu", "truncate", "tol", "grad_cap", "nonfinite", "warn", "on_step", "fast_cell")
 
 
 class Stats:
@@ -88,7 +88,7 @@ class Result(NamedTuple):
 def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps: int = 15,
         mu: float = 0.9, truncate: Optional[int] = None, tol: float = 1e-6,
         grad_cap: Optional[float] = None, nonfinite: str = "raise", warn: bool = False,
-        on_step: Optional[Callable] = None, no_grad_cell: Optional[Callable] = None, **unknown) -> Result:
+        on_step: Optional[Callable] = None, fast_cell: Optional[Callable] = None, **unknown) -> Result:
     """Run `h_{t+1} = cell(h_t, x)` for t = 0..steps-1 from h0 and return (state, penalty, stats).
 
     algo           one of ALGOS (see the module docstring)
@@ -103,16 +103,18 @@ def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps
     warn           warn when the Neumann series stops because a term grew or was not finite (one sync)
     on_step        called as on_step(t, h_t) after every step t = 1..T, e.g. for per-step readouts.
                    Under torch.no_grad() it keeps no graph: use that for evaluation.
-    no_grad_cell   the same function as cell, used for the steps run without grad: e.g. torch.compile(cell),
-                   which cannot serve the taped step (the LCP needs a double backward through it)
+    fast_cell      the same function as cell, e.g. torch.compile(cell), run for every step instead of cell,
+                   so that the Neumann terms are VJPs through its (fused) backward too. Compiled code has no
+                   double backward, which the LCP needs, so c- algos then take the penalty on one extra step
+                   of cell from the same h_(T-1): the same value, at the cost of one more step.
 
     Under torch.no_grad() every algo runs T plain steps and the penalty is zero. Under rbp h0 gets no
     gradient: at a fixed point h* does not depend on h0.
     """
     h, is_tuple = _as_tuple(h0, "h0")
     _check_run_args(cell, steps, algo, neumann_steps, mu, truncate, tol, grad_cap, nonfinite, on_step, unknown)
-    if no_grad_cell is not None and not callable(no_grad_cell):
-        raise ValueError(f"no_grad_cell must be None or a callable like cell, got {type(no_grad_cell).__name__}")
+    if fast_cell is not None and not callable(fast_cell):
+        raise ValueError(f"fast_cell must be None or a callable like cell, got {type(fast_cell).__name__}")
     base, constrained = algo.removeprefix("c-"), algo.startswith("c-")
     tape = 0 if not torch.is_grad_enabled() else {"bptt": steps, "tbptt": truncate, "rbp": 1}[base]
     stats = Stats(steps)
@@ -129,9 +131,8 @@ def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps
             # no-grad step produced it, else a view, so that dh_T/dc_{T-1} does not also count the path
             # through h_{T-1} = o * tanh(c_{T-1}) (tuple states whose tensors depend on each other).
             h = tuple(z.view_as(z) if z.requires_grad else z.detach().requires_grad_() for z in h)
-        taped = t > steps - tape
-        f = cell if taped or no_grad_cell is None else no_grad_cell
-        with torch.set_grad_enabled(taped):
+        f = cell if fast_cell is None else fast_cell
+        with torch.set_grad_enabled(t > steps - tape):
             h_prev, h = h, _as_tuple(f(_pack(h, is_tuple), x), "the cell's output")[0]
         if t == 1:
             _check_like(h, h_prev, is_tuple)
@@ -150,7 +151,8 @@ def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps
 
     penalty = torch.zeros((), device=h[0].device)
     if tape and constrained:
-        penalty = lcp(_pack(h, is_tuple), _pack(h_prev, is_tuple), mu)
+        h_next = h if fast_cell is None else cell(_pack(h_prev, is_tuple), x)  # no double backward: see fast_cell
+        penalty = lcp(h_next, h_prev, mu)
     if tape and base == "rbp":
         h = _NeumannRBP.apply((neumann_steps, tol, grad_cap, warn, stats), len(h), *h_prev, *h)
     return Result(_pack(h, is_tuple), penalty, stats)

@@ -348,15 +348,19 @@ def test_no_grad_runs_plain_steps_and_on_step_sees_every_state():
         assert torch.equal(crbp.run(cell, x, h0, steps=1, algo="rbp").state, seen[0][1])
 
 
-def test_no_grad_cell_serves_only_the_steps_without_grad():
+@pytest.mark.parametrize("algo", ["rbp", "c-rbp", "bptt", "c-bptt"])
+def test_fast_cell_runs_every_step_and_plain_cell_only_for_the_lcp(algo):
     cell, x, h0, r = dense_setup()
     calls = []
     fast = lambda h, x: (calls.append(torch.is_grad_enabled()), cell(h, x))[1]
-    state, _, _ = crbp.run(cell, x, h0, steps=6, algo="rbp", no_grad_cell=fast)
-    ref, _, _ = crbp.run(cell, x, h0, steps=6, algo="rbp")
-    assert calls == [False] * 5 and torch.equal(state, ref)
-    for a, b in zip(grads((state * r).sum(), cell, x), grads((ref * r).sum(), cell, x)):
-        assert torch.equal(a, b)
+    state, penalty, _ = crbp.run(cell, x, h0, steps=6, algo=algo, fast_cell=fast)
+    ref, ref_penalty, _ = crbp.run(cell, x, h0, steps=6, algo=algo)
+    taped = {"rbp": 1, "bptt": 6}[algo.removeprefix("c-")]
+    assert calls == [False] * (6 - taped) + [True] * taped and torch.equal(state, ref)
+    assert torch.equal(penalty, ref_penalty)
+    loss, ref_loss = (state * r).sum() + 10 * penalty, (ref * r).sum() + 10 * ref_penalty
+    for a, b in zip(grads(loss, cell, x), grads(ref_loss, cell, x)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
 
 
 def test_bf16_autocast_accumulates_in_float32_and_stays_close():
@@ -389,7 +393,7 @@ def test_bf16_autocast_accumulates_in_float32_and_stays_close():
     (dict(grad_cap=0), "grad_cap"),
     (dict(nonfinite="ignore"), "nonfinite"),
     (dict(on_step=3), "on_step"),
-    (dict(no_grad_cell="fast"), "no_grad_cell"),
+    (dict(fast_cell="fast"), "fast_cell"),
     (dict(neuman_steps=5), "did you mean 'neumann_steps'"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):

@@ -377,11 +377,17 @@ def get_parser():
       help="also report the per-step curve on these Pathfinder lengths / maze grids (extrapolation)")
     a("--amp", action="store_true",
       help="bf16 autocast (the Neumann sum still accumulates in fp32). For the 25-channel hGRU it was slower "
-           "on an H200 and its gradient was off by 11%% (README): prefer --compile")
+           "on an H200 and its gradient was off by 11%% (README): prefer --fast")
     a("--compile", action="store_true",
-      help="torch.compile the cell for the steps run without grad (rbp's T-1 steps, evaluation) and keep "
-           "activations channels-last; the taped step stays eager (the LCP needs its double backward). "
-           "1.1-1.3x faster C-RBP on an H200; the first steps compile for about a minute")
+      help="torch.compile the cell for every step and Neumann term (the LCP takes one extra eager step, as it "
+           "needs a double backward). With --conv fft: 1.6x faster C-RBP on an H200 (README); the first steps "
+           "compile for about a minute")
+    a("--conv", default=None, choices=("direct", "fft"),
+      help="hGRU horizontal convolutions: direct (F.conv2d) or fft (the same function, kernel spectra computed "
+           "once per forward; float32). fft is faster for 15x15 kernels on a GPU (default: direct)")
+    a("--fast", action=argparse.BooleanOptionalAction, default=False,
+      help="--conv fft --compile: the fastest path measured, 1.9x the plain one for C-RBP (README). On in "
+           "--preset pathfinder; --no-fast there gives the plain path")
     a("--seed", type=int, default=0)
     a("--device", default="auto", help="auto (cuda if available), cuda, cuda:1 or cpu")
     a("--out", default=None, help="run directory (default runs/<task>-<model>-<algo>)")
@@ -401,10 +407,11 @@ def get_parser():
 
 PRESETS = {
     # `make pathfinder`: the paper's C-RBP hGRU on PF-14 seg (T=20, K=15, mu 0.9, LCP weight 10, 15x15
-    # kernels, 150 px) on one GPU: 40k images, measured at 5.9 min on an H200 (README).
+    # kernels, 150 px) on one GPU, on the fast path (FFT convs + compiled cell, same function to ~1e-6):
+    # 100k images, measured at 8.0 min on an H200 with compilation and evaluation (README).
     "pathfinder": dict(task="pathfinder", length=14, model="hgru", algo="c-rbp", steps=20, neumann_steps=15,
-                       mu=0.9, penalty_weight=10.0, batch_size=32, lr=1e-3, images=40_000, eval_images=2048,
-                       eval_every=8000, eval_steps=40, out="runs/pathfinder-14"),
+                       mu=0.9, penalty_weight=10.0, batch_size=32, lr=1e-3, images=100_000, eval_images=2048,
+                       eval_every=8000, eval_steps=40, fast=True, out="runs/pathfinder-14"),
     # the same without a GPU, small enough for a few minutes on 2 CPU cores: 75 px PF-6, 5x5 kernels, T=8
     "pathfinder-cpu": dict(task="pathfinder", length=6, size=75, model="hgru", kernel=5, algo="c-rbp", steps=8,
                            neumann_steps=8, mu=0.9, penalty_weight=10.0, batch_size=8, lr=3e-3, images=960,
@@ -413,7 +420,7 @@ PRESETS = {
 }
 # options a --resume may change: where it runs, when it stops, and how it is evaluated (not what is trained)
 RESUMABLE = {"resume", "until", "until_minutes", "preset", "device", "eval_images", "eval_every", "eval_steps",
-             "eval_lengths", "out"}
+             "eval_lengths", "out", "compile", "conv", "fast"}
 
 
 def parse_args(argv=None):
@@ -448,6 +455,11 @@ def parse_args(argv=None):
                 setattr(args, k, v)
     if args.model not in models.MODELS:
         parser.error(f"--model must be one of {sorted(models.MODELS)}, got {args.model!r}")
+    has_conv = "conv" in inspect.signature(models.MODELS[args.model]).parameters
+    if args.conv is not None and not has_conv:
+        parser.error(f"--conv is an option of the hGRU; --model {args.model} has no FFT path")
+    if args.fast:
+        args.compile, args.conv = True, "fft" if has_conv else None
     if args.dry_run:  # tiny sizes: 75-px Pathfinder, 3x3 kernels, 8 channels, 3 steps, 3 Neumann terms
         args.images, args.batch_size, args.eval_images, args.eval_every, args.eval_batch_size = 8, 4, 4, 4, 4
         args.size, args.length, args.steps, args.neumann_steps = 75, 6, args.steps or 3, 3
@@ -480,6 +492,9 @@ def _given_args(parser, argv):
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             kw = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if isinstance(action, argparse.BooleanOptionalAction):  # --fast / --no-fast
+                quiet.add_argument(action.option_strings[0], action=argparse.BooleanOptionalAction, **kw)
+                continue
             if action.nargs == 0:
                 kw["action"] = "store_true"
             else:
@@ -501,8 +516,7 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True  # shapes are fixed across steps: let cuDNN pick its fastest convs
     model = models.build(args.model, task=TASKS[args.task], **model_options(args)).to(device)
     if args.compile and model.recurrent:
-        model.to(memory_format=torch.channels_last)
-        object.__setattr__(model, "compiled_cell", torch.compile(model.cell))  # not a submodule: same state_dict
+        model.compile_cell()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     iters = math.ceil(args.images / args.batch_size)
     start = 0
@@ -527,7 +541,7 @@ def main(argv=None):
           f"({n_params:,} parameters) | {args.algo}, T={args.steps}, K={args.neumann_steps}, mu={args.mu}, "
           f"LCP weight {args.penalty_weight if args.algo.startswith('c-') else 0}")
     print(f"device {gpu}, torch {torch.__version__}, amp {'bf16' if args.amp else 'off'}, compile "
-          f"{'on' if args.compile else 'off'} | {args.batch_size} "
+          f"{'on' if args.compile else 'off'}{', fft conv' if args.conv == 'fft' else ''} | {args.batch_size} "
           f"images/step x {iters:,} steps = {iters * args.batch_size:,} images, {args.schedule} lr {args.lr} | "
           f"run dir {args.out}" + (f" | resuming at step {start:,}" if start else ""))
 
@@ -695,7 +709,8 @@ def compare_runs(run_a, run_b):
 def model_options(args):
     """Build options from the command line: --kernel, --steps (hgru_gn's gate-bias init depends on T), and
     under --dry-run 3x3 kernels and 8 channels wherever the model takes them."""
-    opts = {"kernel": args.kernel, "steps": args.steps, "channels": args.channels, "width": args.channels}
+    opts = {"kernel": args.kernel, "steps": args.steps, "channels": args.channels, "width": args.channels,
+            "conv": args.conv}
     if args.dry_run:
         opts.update(channels=args.channels or 8, width=args.channels or 8, depth=8, long_kernel=3, short_kernel=3)
     takes = inspect.signature(models.MODELS[args.model]).parameters
@@ -706,10 +721,6 @@ def forward(model, images, steps, per_step=False, **opts):
     """The model's Output; feedforward controls take no steps, algo or crbp options."""
     if not model.recurrent:
         return model(images)
-    compiled = getattr(model, "compiled_cell", None)
-    if compiled is not None:
-        images = images.contiguous(memory_format=torch.channels_last)
-        opts["no_grad_cell"] = compiled
     return model(images, steps=steps, per_step=per_step, **opts)
 
 
