@@ -40,9 +40,9 @@ def build(args, device, fast=True):
     return model
 
 
-def loss_of(model, images, target, algo, T, args, amp):
+def loss_of(model, images, target, algo, T, K, amp):
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        out = model(images, steps=T, algo=algo, neumann_steps=args.neumann_steps, mu=0.9)
+        out = model(images, steps=T, algo=algo, neumann_steps=K, mu=0.9)
     return train.focal_loss(out.logits, target.long()) + (10 * out.penalty if algo.startswith("c-") else 0), out
 
 
@@ -54,7 +54,7 @@ def grad_error(algo, T, batch, device, args):
     for fast in (False, True):
         torch.backends.cudnn.allow_tf32 = fast  # the reference without TF32; the fast path as benchmarked
         model = build(args, device, fast)
-        loss, out = loss_of(model, images, target, algo, T, args, amp=fast and args.amp)
+        loss, out = loss_of(model, images, target, algo, T, args.neumann_steps, amp=fast and args.amp)
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
         terms.append((out.stats.neumann_terms, out.stats.neumann_stop))
     torch.backends.cudnn.allow_tf32 = True
@@ -86,7 +86,7 @@ def bench(algo, T, batch, args, device, render_ms):
     stats = []
 
     def step():
-        loss, out = loss_of(model, images, target, algo, T, args, amp=args.amp)
+        loss, out = loss_of(model, images, target, algo, T, args.neumann_steps, amp=args.amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -115,8 +115,7 @@ def profile(args, device, batch=32, T=20):
             return model(images, steps=steps, algo=algo)
 
     def train_step(algo="c-rbp", K=15):
-        args.neumann_steps = K
-        loss, _ = loss_of(model, images, target, algo, T, args, args.amp)
+        loss, _ = loss_of(model, images, target, algo, T, K, args.amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
