@@ -37,12 +37,12 @@ for large batches: measured on an H200 (`python data.py --bench`), PF-14 8.8k im
 import argparse
 import functools
 import math
-import struct
 import time
-import zlib
 
 import torch
 import torch.nn.functional as F
+
+import figures
 
 # ----------------------------------------------------------------------------------------------------------
 # Pathfinder parameters: the v2019 wrapper behind the C-RBP SEG data (spec §3, §4). Pixels of the canvas.
@@ -505,35 +505,6 @@ def mazes(batch, grid=11, *, canvas=None, split="train", seed=0, device=None):
     return img, mask
 
 
-# ----------------------------------------------------------------------------------------------------------
-def write_png(path, rgb):
-    """Write an (H, W, 3) uint8 tensor as an 8-bit RGB PNG, with zlib and struct only."""
-    rgb = torch.as_tensor(rgb)
-    _check(rgb.dim() == 3 and rgb.shape[2] == 3 and rgb.dtype == torch.uint8, "pass rgb as an (H, W, 3) uint8 tensor")
-    h, w, _ = rgb.shape
-    raw = torch.cat((torch.zeros(h, 1, dtype=torch.uint8), rgb.cpu().reshape(h, 3 * w)), 1)  # filter 0 per row
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(bytes(raw.flatten().tolist()), 6))
-           + chunk(b"IEND", b""))
-    with open(path, "wb") as f:
-        f.write(png)
-
-
-def _grid(rgb, cols, zoom=1, gap=3):
-    """(n, 3, h, w) float images -> one (H, W, 3) uint8 sheet, zoomed by pixel repetition, grey gaps."""
-    rgb = rgb.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
-    n, _, h, w = rgb.shape
-    rows = -(-n // cols)
-    sheet = torch.full((3, rows * (h + gap) + gap, cols * (w + gap) + gap), 0.5)
-    for i in range(n):
-        y, x = gap + (i // cols) * (h + gap), gap + (i % cols) * (w + gap)
-        sheet[:, y:y + h, x:x + w] = rgb[i]
-    return (sheet.clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
-
-
 def show(kind, out, n=16, device=None, seed=0, **kw):
     """Write a PNG sheet of n samples with their targets overlaid (seg: red; cls: a green border when the
     markers share a snake, red otherwise; mazes: the solution in blue)."""
@@ -546,15 +517,15 @@ def show(kind, out, n=16, device=None, seed=0, **kw):
         else:
             col = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.9, 0.2]])[tgt.cpu()][:, :, None, None]
             img[..., :2, :], img[..., -2:, :], img[..., :2], img[..., -2:] = col, col, col, col
-        sheet = _grid(img, cols=4)
+        sheet = figures.grid(img, cols=4)
     elif kind == "mazes":
         img, tgt = mazes(n, device=device, seed=seed, **kw)
         img, t = img.cpu(), tgt.cpu()[:, None] & (img.cpu().sum(1, keepdim=True) == 3)  # keep start/goal
         img = torch.where(t, torch.tensor([0.25, 0.5, 1.0])[:, None, None], img)
-        sheet = _grid(img, cols=4, zoom=4)
+        sheet = figures.grid(img, cols=4, zoom=4)
     else:
         raise ValueError(f"kind must be 'pathfinder' or 'mazes', got {kind!r}")
-    write_png(out, sheet)
+    figures.write_png(out, sheet)
     return out
 
 

@@ -7,6 +7,8 @@ from collections import deque
 
 import pytest
 import torch
+
+import figures
 import torch.nn.functional as F
 
 import data
@@ -244,7 +246,7 @@ def test_determinism_and_disjoint_splits():
     lambda: data.pathfinder(2, split="val"), lambda: data.pathfinder(2, seed=-1),
     lambda: data.pathfinder(2, max_tries=0), lambda: data.mazes(0), lambda: data.mazes(2, grid=10),
     lambda: data.mazes(2, grid=1), lambda: data.mazes(2, grid=9, canvas=20),
-    lambda: data.write_png("/tmp/x.png", torch.zeros(4, 4, 3)),
+    lambda: figures.write_png("/tmp/x.png", torch.zeros(4, 4, 3)),
 ])
 def test_bad_input_raises_value_error(call):
     with pytest.raises(ValueError):
@@ -272,7 +274,7 @@ def test_restart_rounds(monkeypatch):
 def test_write_png_round_trip(tmp_path):
     rgb = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
     path = tmp_path / "x.png"
-    data.write_png(path, rgb)
+    figures.write_png(path, rgb)
     raw = path.read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
     w, h, depth, kind = struct.unpack(">IIBB", raw[16:26])

@@ -8,6 +8,8 @@ import zlib
 import pytest
 import torch
 
+import figures
+
 import train
 
 
@@ -94,7 +96,7 @@ def png_chunks(path):
 def test_timecourse_png_is_valid(tmp_path):
     n, H, W, steps = 2, 6, 5, [1, 3]
     path = tmp_path / "t.png"
-    train.timecourse_png(str(path), torch.rand(n, 1, H, W), torch.rand(n, H, W) > 0.5, torch.rand(n, 2, H, W), steps)
+    figures.timecourse_png(str(path), torch.rand(n, 1, H, W), torch.rand(n, H, W) > 0.5, torch.rand(n, 2, H, W), steps)
     chunks = png_chunks(path)
     assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND"
     w, h = struct.unpack(">II", chunks[0][1][:8])
@@ -105,7 +107,7 @@ def test_timecourse_png_is_valid(tmp_path):
 
 def test_svg_plot_parses_and_has_the_series(tmp_path):
     path = tmp_path / "p.svg"
-    train.svg_plot(str(path), {"a < b": ([1, 2, 3], [0.1, 0.5, 0.2]), "c": ([1, 2], [1.0, float("nan")])},
+    figures.svg_plot(str(path), {"a < b": ([1, 2, 3], [0.1, 0.5, 0.2]), "c": ([1, 2], [1.0, float("nan")])},
                    "step t", "F1", "title & more")
     root = ET.parse(path).getroot()
     assert root.tag.endswith("svg")

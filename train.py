@@ -23,13 +23,13 @@ import math
 import os
 import sys
 import time
-import xml.sax.saxutils
 
 import torch
 import torch.nn.functional as F
 
 import crbp
 import data
+import figures
 import models
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,60 +127,6 @@ def kolmogorov_q(lam):
     if lam < 0.2:  # the series converges slowly here, and Q is 1 to 1e-10
         return 1.0
     return min(1.0, max(0.0, 2 * sum((-1) ** (j - 1) * math.exp(-2 * j * j * lam * lam) for j in range(1, 101))))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Figures with the standard library: SVG line plots and PNG image grids
-
-
-def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 320)):
-    """series: {name: (xs, ys)}. Lines (or points) on shared axes, with ticks and a legend."""
-    W, H, m = size[0], size[1], 48
-    xs = [x for s in series.values() for x in s[0]] or [0, 1]
-    ys = [y for s in series.values() for y in s[1] if math.isfinite(y)] or [0, 1]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    sx = lambda x: m + (x - x0) / (x1 - x0) * (W - 1.5 * m)
-    sy = lambda y: H - m + (y - y0) / (y1 - y0) * (1.5 * m - H)
-    esc = xml.sax.saxutils.escape
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
-           f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">{esc(title)}</text>',
-           f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">{esc(xlabel)}</text>',
-           f'<text x="12" y="{H / 2}" text-anchor="middle" transform="rotate(-90 12 {H / 2})">{esc(ylabel)}</text>',
-           f'<path d="M{m} {m / 2}V{H - m}H{W - m / 2}" stroke="black" fill="none"/>']
-    for i in range(5):
-        xv, yv = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
-        xt = f"{round(xv)}" if all(float(x).is_integer() for x in xs) else f"{xv:.4g}"  # steps, images: integers
-        out.append(f'<text x="{sx(xv):.1f}" y="{H - m + 14}" text-anchor="middle">{xt}</text>')
-        out.append(f'<text x="{m - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
-    for i, (name, (sxs, sys_)) in enumerate(series.items()):
-        c = colors[i % len(colors)]
-        pts = [(sx(x), sy(y)) for x, y in zip(sxs, sys_) if math.isfinite(y)]
-        if points:
-            out += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="1.5" fill="{c}" fill-opacity="0.5"/>' for px, py in pts]
-        elif pts:
-            xy = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
-            out.append(f'<polyline points="{xy}" stroke="{c}" fill="none"/>')
-        out.append(f'<text x="{W - m / 2 - 4}" y="{m / 2 + 14 * (i + 1)}" text-anchor="end" fill="{c}">'
-                   f'{esc(name)}</text>')
-    with open(path, "w") as f:
-        f.write("\n".join(out + ["</svg>"]))
-
-
-def timecourse_png(path, images, targets, probs, steps):
-    """Rows: images; columns: input, target, then P(foreground) after each listed step. Writes a PNG.
-
-    images (n, c, H, W) in [0, 1]; targets (n, H, W); probs (n, len(steps), H, W)."""
-    gray = lambda t: t.clamp(0, 1)[:, None].expand(-1, 3, -1, -1)  # (n, 3, H, W)
-    rgb = images[:, :3] if images.shape[1] >= 3 else images[:, :1].expand(-1, 3, -1, -1)
-    tiles = [rgb, gray(targets.float())] + [gray(probs[:, i]) for i in range(len(steps))]
-    grid = torch.stack(tiles, 1)  # (n, cols, 3, H, W)
-    grid = F.pad(grid, (1, 1, 1, 1), value=0.5)
-    n, cols, _, h, w = grid.shape
-    grid = grid.permute(0, 3, 1, 4, 2).reshape(n * h, cols * w, 3)  # (rows*H, cols*W, 3)
-    data.write_png(path, (grid * 255).round().to(torch.uint8).cpu())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -662,14 +608,14 @@ def analyse_states(model, args, device, n_images=None):
     model.train()
     proj, dist = state_space(torch.cat(pooled).cpu(), args.steps)
     T, N, shown = args.eval_steps, args.steps, proj[:32]  # 32 images' trajectories keep the SVG small
-    svg_plot(os.path.join(args.out, "state_space.svg"),
+    figures.svg_plot(os.path.join(args.out, "state_space.svg"),
              {f"t <= {N}": (shown[:, :N, 0].flatten().tolist(), shown[:, :N, 1].flatten().tolist()),
               f"t > {N}": (shown[:, N:, 0].flatten().tolist(), shown[:, N:, 1].flatten().tolist())},
              "PC1", "PC2", f"pooled hidden states of 32 images, PCA fit on t <= {N}", points=True)
     if probs.dim() == 4:  # per-pixel tasks: the segmentation over steps, as the project page shows
         show = [t for t in (1, 2, 4, 8, args.steps, T) if t <= T]
         show = sorted(set(show))
-        timecourse_png(os.path.join(args.out, "timecourse.png"), images[:4].cpu(), target[:4].cpu(),
+        figures.timecourse_png(os.path.join(args.out, "timecourse.png"), images[:4].cpu(), target[:4].cpu(),
                        probs[:4, [t - 1 for t in show]].cpu(), show)
     return dist
 
@@ -680,12 +626,12 @@ def plot_run(args):
     metric = curve_metric(args)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval" in r]
-    svg_plot(os.path.join(args.out, "learning_curve.svg"),
+    figures.svg_plot(os.path.join(args.out, "learning_curve.svg"),
              {"train loss (x10)": ([r["images"] for r in train], [10 * r["loss"] for r in train]),
               f"held-out {metric}": ([r["images"] for r in evals], [r["eval"][metric] for r in evals])},
              "training images", f"loss x10 / {metric}", f"{args.model} {args.algo}")
     final = [r for r in rows if "per_step" in r][-1]
-    svg_plot(os.path.join(args.out, "per_step.svg"),
+    figures.svg_plot(os.path.join(args.out, "per_step.svg"),
              {f"{'grid' if args.task == 'mazes' else 'PF'}-{n}": (list(range(1, len(c) + 1)), c)
               for n, c in final["per_step"].items()},
              "step t", metric, f"{args.model} {args.algo}, trained with T={args.steps}")
