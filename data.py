@@ -3,15 +3,14 @@
 Pathfinder (Linsley, Kim et al., NeurIPS 2018, hGRU; Kim*, Linsley* et al., ICLR 2020; Pathfinder-SEG of
 C-RBP, Linsley et al., NeurIPS 2020): two target "snakes" of N dashed paddles plus short distractor snakes
 on a 300-px canvas, shown to the models at 150 px. This re-implements the *distribution* of the 2019
-generator (drewlinsley/pathfinder @ ab9c130, snakes2.py) as written down in specs/pathfinder_spec.md; the
-§ numbers in comments refer to that spec. The geometry follows the original step by step (integer pixel
-coordinates with its ceil/trunc rounding, the fixed candidate circle, cos²(c·δ) continuity, 3 draws per
-step, whole-pair restarts, 5 attempts per distractor); only the raster masks are replaced by distances to
-paddle centre lines (RHO below) and PIL's Lanczos paddles by an analytic anti-aliased bar.
+generator (drewlinsley/pathfinder @ ab9c130, snakes2.py). The geometry follows the original step by step
+(integer pixel coordinates with its ceil/trunc rounding, the fixed candidate circle, cos²(c·δ) continuity,
+3 draws per step, whole-pair restarts, 5 attempts per distractor); only the raster masks are replaced by
+distances to paddle centre lines (RHO below) and PIL's Lanczos paddles by an analytic anti-aliased bar.
 
 Mazes (Schwarzschild et al., NeurIPS 2021 "easy-to-hard" data, as used by the LocRNN paper): a recursive
 backtracker (depth-first) maze on an s×s lattice, rendered 2 px per lattice unit with a 1-px frame
-(side 2s+6), target = the 2-px solution path (specs/mazes_locrnn_spec.md §1).
+(side 2s+6), target = the 2-px solution path.
 
     images, masks  = pathfinder(batch, length=14, task="seg", device="cuda", seed=step)
     images, labels = pathfinder(batch, length=14, task="cls", ...)
@@ -24,11 +23,10 @@ split="test") for k = 0..9. The same arguments on the same device type give the 
 CUDA give *different* (equally distributed) images, because their random number generators differ.
 
 Speed: everything is batched; Python loops run only over growth steps (2(N-1) per round of pair
-attempts, Nd per distractor) and maze moves. On CUDA these small steps are launch-bound, so each step is
-fused with torch.compile (the first call compiles for ~20 s; data.COMPILE = False runs eagerly, with
-identical results). A call then costs a nearly fixed 30-65 ms (mazes 12 ms) whatever the batch, so ask
-for large batches: measured on an H200 (`python data.py --bench`), PF-14 8.8k images/s at batch 256 and
-31k at 1024, PF-25 6.2k and 15k, 11-mazes 21k at 256, 85k at 1024, 330k at 4096.
+attempts, Nd per distractor) and maze moves. On CUDA these small steps are bound by kernel launches, so
+each step is fused with torch.compile (the first call compiles; data.COMPILE = False runs eagerly, with
+identical results). A call then costs nearly the same whatever the batch, so ask for large batches
+(task_batch renders RENDER_CHUNK images per call on a GPU and cuts batches from them).
 
     python data.py --show pathfinder --length 14 --out samples.png   # look at a grid of samples
     python data.py --show mazes --grid 11 --out mazes.png
@@ -45,22 +43,22 @@ import torch.nn.functional as F
 import figures
 
 # ----------------------------------------------------------------------------------------------------------
-# Pathfinder parameters: the v2019 wrapper behind the C-RBP SEG data (spec §3, §4). Pixels of the canvas.
+# Pathfinder parameters: the v2019 wrapper behind the C-RBP SEG data. Pixels of the canvas.
 L, T, MARGIN, CONT = 5, 2.0, 3, 1.8      # paddle length, thickness, margin m, continuity c
 PAD, SD, RADIUS = 22, 27, 5              # padding frame, seed distance, marker radius
-RW = L + math.ceil(T) + MARGIN           # half-side of the window a paddle is rastered in (§1.1)
+RW = L + math.ceil(T) + MARGIN           # half-side of the window a paddle is rastered in
 RATIO = (4 * RW + 1) / (2 * RW + 1)      # that window is drawn 2x supersampled, then shrunk by this ratio
-# The original keeps an occupancy image M of paddle "footprints" (the bar grown by m, soft edge, §1.1). We
+# The original keeps an occupancy image M of paddle "footprints" (the bar grown by m, soft edge). We
 # model a footprint as clamp(RHO + 1/2 - d, 0, 1) at distance d from the paddle's centre line. RHO = 3.7
 # gives the measured footprint area (80.5 px for L5 T2 m3), 3.9 the measured restart rates (4.2 attempts
-# per image at N=14, 56 at N=25, §8); we take 3.8. Every raster test of the original becomes a distance test:
+# per image at N=14, 56 at N=25); we take 3.8. Every raster test of the original becomes a distance test:
 RHO = 3.8
-D_HIT = 2 * RHO - 0.8                    # accept iff max(M + footprint) < 1.8 (§2.4.5)
-D_SEED = 2 * RHO - 0.3                   # seeds: footprint core (=1, d <= RHO-1/2) must avoid M > 0.3 (§1.3)
+D_HIT = 2 * RHO - 0.8                    # accept iff max(M + footprint) < 1.8
+D_SEED = 2 * RHO - 0.3                   # seeds: footprint core (=1, d <= RHO-1/2) must avoid M > 0.3
 S_PTS = 4                                # points per centre line (1.7 px apart: distances off by < 0.06 px)
 FAR = -1e4                               # where points of paddles that must not count are parked
 TRIES, ATTEMPTS, PROPOSALS = 3, 5, 16    # draws per growth step; attempts per distractor; seed proposals
-MIN_CANVAS = 4 * SD + 2 * (L + MARGIN)   # snake 0's seed sits 2·sd inside the edge (§2.2)
+MIN_CANVAS = 4 * SD + 2 * (L + MARGIN)   # snake 0's seed sits 2·sd inside the edge
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,22 +68,22 @@ def _tables(device):
     direction psi_j of candidate j (a snake's heading after choosing it), 360 + nc + j the opposite
     direction psi_j + pi (the way that paddle is drawn)."""
     r = L + MARGIN
-    # §2.4.3: candidate heads trunc(pivot + (L+m)·u(k/(L+m))), de-duplicated; pivots are integers, so this
-    # is one fixed table of offsets. u(theta) = (sin, cos) in (row, col): theta = 0 points right (§1).
+    # candidate heads trunc(pivot + (L+m)·u(k/(L+m))), de-duplicated; pivots are integers, so this
+    # is one fixed table of offsets. u(theta) = (sin, cos) in (row, col): theta = 0 points right.
     offs = sorted({(math.floor(r * math.sin(k / r)), math.floor(r * math.cos(k / r)))
                    for k in range(math.ceil(2 * math.pi * r))})
     psi = [math.atan2(*o) for o in offs]
     ang = [math.radians(d) for d in range(-180, 180)] + psi + [p + math.pi for p in psi]
     u = torch.tensor([(math.sin(a), math.cos(a)) for a in ang], dtype=torch.float64)
     ub = torch.tensor([(math.sin(a + math.pi), math.cos(a + math.pi)) for a in ang], dtype=torch.float64)
-    # for each heading, the candidates within the max turn 90°/c and their weights cos²(c·δ) (§2.4.4)
+    # for each heading, the candidates within the max turn 90°/c and their weights cos²(c·δ)
     cand = []
     for a in ang[:360 + len(psi)]:
         dl = [CONT * abs((p - a + math.pi) % (2 * math.pi) - math.pi) for p in psi]
         cand.append([(j, math.cos(d) ** 2) for j, d in enumerate(dl) if d < math.pi / 2])
     width = max(map(len, cand))
     cand = [c + [(0, 0.0)] * (width - len(c)) for c in cand]
-    # §1.1: a paddle drawn towards a runs from its start to ceil(C + 2L·u) - C on the 2x canvas, / RATIO
+    # a paddle drawn towards a runs from its start to ceil(C + 2L·u) - C on the 2x canvas, / RATIO
     pvec = (torch.ceil(2 * RW + 2 * L * u) - 2 * RW) / RATIO
     t = torch.linspace(0, 1, S_PTS, dtype=torch.float64)[:, None]
     f32 = lambda x: x.to(device=device, dtype=torch.float32)
@@ -105,7 +103,7 @@ def _near2(p, occ):
 
 def _box_tail(a, lo, hi, shape, gen):
     """Uniform integer tails p (shape + (2,)) for directions a (shape[:1]) whose seed-footprint core, placed
-    at p + (1, 1) (the seed kernel is off-centre by one pixel, §1.3, §9.5), lies strictly inside (lo, hi)."""
+    at p + (1, 1) (the seed kernel is off-centre by one pixel in the original), lies strictly inside (lo, hi)."""
     d = _tables(a.device)["pvec"][a]                                  # (n, 2)
     pmin, pmax = torch.floor(lo - 1 - d.clamp(max=0)) + 1, torch.ceil(hi - 1 - d.clamp(min=0)) - 1
     if len(shape) == 2:
@@ -115,9 +113,10 @@ def _box_tail(a, lo, hi, shape, gen):
 
 
 def _grow(tb, pivot, head, occ, u, px: int):
-    """One extension step of n snakes at once (§2.4 steps 1-5). pivot (n, 2) and heading head (n,) are the
-    snakes' state; occ (n, Q, 2) points on the centre lines of the committed paddles; u (n, 3) uniforms for
-    the 3 draws. Returns the new pivot, the new paddle's start (n, 2), direction and heading (n,), its
+    """One extension step of n snakes at once: the next paddle, drawn among the candidates in reach with
+    weights for continuity and free space. pivot (n, 2) and heading head (n,) are the snakes' state;
+    occ (n, Q, 2) points on the centre lines of the committed paddles; u (n, 3) uniforms for the 3 draws.
+    Returns the new pivot, the new paddle's start (n, 2), direction and heading (n,), its
     centre-line points (n, S, 2) and whether the step succeeded (n,)."""
     n = len(pivot)
     pivot = torch.ceil(pivot + tb["step"][head])                      # m px beyond the last paddle's head
@@ -171,16 +170,16 @@ def _grower(device):
 
 
 def _pairs(row, N, px, faithful, gen):
-    """One attempt at the two target snakes per lane (§2.2-2.4), all lanes in lock-step. row (n,) names
+    """One attempt at the two target snakes per lane, all lanes in lock-step. row (n,) names
     the image each lane works for. Returns the lanes that succeeded (dict of tensors, in lane order):
     start (n, 2N, 2) and direction direc (n, 2N) of each paddle, slot 2i+k = paddle i of snake k; heading
     (n, 2N); tail (n, 2, 2) the two seed tails."""
     n, dev, tb = len(row), row.device, _tables(row.device)
     grow = _grower(dev)
     a = torch.randint(0, 360, (n, 3), generator=gen, device=dev)      # θ0, θ1 and α, integer degrees
-    # §2.2: snake 0's tail is uniform where its footprint core clears an extra frame of width 2·sd
+    # snake 0's tail is uniform where its footprint core clears an extra frame of width 2·sd
     tail0, ok = _box_tail(a[:, 0], 2 * SD - 1 + RHO - 0.5, px - 2 * SD - RHO + 0.5, (n,), gen)
-    # §2.3: snake 1 starts sd px away in a random direction α, with no occupancy test
+    # snake 1 starts sd px away in a random direction α, with no occupancy test
     tail = torch.stack((tail0, torch.round(tail0 + tb["sd"][a[:, 2]])), 1)               # (n, 2, 2)
     pivot = torch.ceil(torch.ceil(tail + tb["lead"][a[:, :2]]) + tb["behind"][a[:, :2]])  # m px behind tail
     ok &= ((pivot >= 0) & (pivot < px)).flatten(1).all(1)
@@ -198,8 +197,8 @@ def _pairs(row, N, px, faithful, gen):
             break
         for k in (0, 1):
             s, c = 2 * i + k, 2 + (2 * i + k - 2) * S_PTS             # this paddle's slot; end of committed M
-            # A snake's newest paddle is "pending", not yet in M, so it never blocks its successor (§1).
-            # The original also skips the other snake's pending paddle, so the targets may touch (§9.3):
+            # A snake's newest paddle is "pending", not yet in M, so it never blocks its successor.
+            # The original also skips the other snake's pending paddle, so the targets may touch:
             # we test it (in the scratch slot) unless faithful=True.
             if not faithful:
                 st["occ"][:, c:c + S_PTS] = st[f"pd{1 - k}"]
@@ -226,7 +225,7 @@ def _lanes_per_row(N, B, cuda):
 
 
 def _targets(B, N, px, faithful, gen, max_tries):
-    """Whole-pair rejection sampling (§2.5), bounded: rounds of many attempts per image side by side; the
+    """Whole-pair rejection sampling, bounded: rounds of many attempts per image side by side; the
     first successful lane of each image is kept, which has exactly the distribution of the original's
     "retry until success". An image still unplaced after max_tries attempts raises RuntimeError."""
     dev, cuda = gen.device, gen.device.type == "cuda"
@@ -255,7 +254,7 @@ def _targets(B, N, px, faithful, gen, max_tries):
 
 
 def _distractors(g, occ, K, Nd, px, gen):
-    """§2.6: K short snakes placed one after the other on the shared occupancy occ (B, Q, 2); each gets 5
+    """Distractors: K short snakes placed one after the other on the shared occupancy occ (B, Q, 2); each gets 5
     attempts (run side by side: the first that succeeds is kept, as in the sequential original) and is
     skipped if all fail. Fills g's distractor slots in place."""
     tb, B, A, dev = _tables(occ.device), len(occ), ATTEMPTS, occ.device
@@ -298,17 +297,17 @@ def _geometry(B, N, task, K, px, faithful, gen, max_tries):
     ok (B, P); snake (P,) ids: 0, 1 the targets, 2.. distractors; markers (B, 2, 2) with marker_ok (B, 2);
     o the marked snake; label (cls); tail (B, 2, 2) the targets' origins."""
     dev, tb = gen.device, _tables(gen.device)
-    Nd = max(1, N // 3)                                               # distractor length (§3: N//3)
+    Nd = max(1, N // 3)                                               # distractor length (N//3, as the original)
     K = 30 // Nd if K is None else K
     t = _targets(B, N, px, faithful, gen, max_tries)
     g = {k: torch.cat((t[k], t[k].new_zeros((B, K * Nd) + t[k].shape[2:])), 1) for k in ("start", "direc", "heading")}
     g["ok"] = torch.arange(2 * N + K * Nd, device=dev).expand(B, -1) < 2 * N
     occ = t["start"][:, :, None] + tb["pts"][t["direc"]]             # (B, 2N, S, 2)
-    if faithful:  # §9.4: the original never commits snake 0's last paddle, so distractors may touch it
+    if faithful:  # the original never commits snake 0's last paddle, so distractors may touch it
         occ[:, 2 * N - 2] = FAR
     _distractors(g, torch.cat((occ.new_full((B, 2, 2), FAR), occ.flatten(1, 2)), 1), K, Nd, px, gen)
     g["snake"] = torch.cat((torch.arange(2 * N, device=dev) % 2, 2 + torch.arange(K * Nd, device=dev) // Nd))
-    # §2.7 / §4: o picks the snake whose origin (its seed tail) gets a marker; cls adds a second marker on
+    # o picks the snake whose origin (its seed tail) gets a marker; cls adds a second marker on
     # the far end of the same snake (label 1) or of the other one (label 0)
     g["o"] = torch.randint(0, 2, (B,), generator=gen, device=dev)
     g["label"] = torch.randint(0, 2, (B,), generator=gen, device=dev)
@@ -323,9 +322,9 @@ def _geometry(B, N, task, K, px, faithful, gen, max_tries):
 
 
 def _render(g, px, size):
-    """Anti-aliased paddles (§1.1) and marker discs (§1.2) on the px canvas, max-composited, 8-bit like the
-    saved PNGs (§2.8), then the consumers' bicubic resize to `size` (§2.9). The seg target is the marked
-    snake plus its dot, binarised at 0.5, resized the same way and thresholded at 0.2, as C-RBP did (§4)."""
+    """Anti-aliased paddles and marker discs on the px canvas, max-composited, 8-bit like the
+    saved PNGs, then the consumers' bicubic resize to `size`. The seg target is the marked
+    snake plus its dot, binarised at 0.5, resized the same way and thresholded at 0.2, as C-RBP did."""
     seg, B, dev = g["seg"], len(g["seg"]), g["seg"].device
     a, b = seg[:, :, 0], seg[:, :, 1]                                 # (B, P, 2)
     mid, ab = (a + b) / 2, b - a
@@ -338,14 +337,14 @@ def _render(g, px, size):
     along = (rel * u[:, :, None, None]).sum(-1).abs()
     across = (rel[..., 0] * u[:, :, None, None, 1] - rel[..., 1] * u[:, :, None, None, 0]).abs()
     # a hard bar of width T with a 1-px anti-aliasing ramp; it reaches 1/4 px past its end points (PIL
-    # draws the end pixels), which gives the measured integrated intensity (§1.1: 11.1 for L5 T2)
+    # draws the end pixels), which gives the measured integrated intensity of the original's paddles (11.1 for L5 T2)
     v = (T / 2 + 0.5 - across).clamp(0, 1) * (ln[:, :, None, None] / 2 + 0.75 - along).clamp(0, 1)
     v = v * g["ok"][:, :, None, None]
     k2 = torch.arange(-RADIUS - 1, RADIUS + 2, device=dev, dtype=torch.float32)
     grid2 = torch.stack(torch.meshgrid(k2, k2, indexing="ij"), -1)
     m = g["markers"]                                                  # (B, 2, 2)
     pix2 = m[:, :, None, None] + grid2                                # (B, 2, 13, 13, 2)
-    # disc of radius r, its centre 1/4 px up-left of the pixel (the 2x Lanczos downsample, §1.2)
+    # disc of radius r, its centre 1/4 px up-left of the pixel (the original's 2x Lanczos downsample)
     v2 = (RADIUS + 0.5 - (pix2 - (m - 0.25)[:, :, None, None]).norm(dim=-1)).clamp(0, 1)
     v2 = v2 * g["marker_ok"][:, :, None, None]
     tgt = torch.cat((((g["snake"] == g["o"][:, None])[:, :, None, None] * v).flatten(1),
@@ -380,21 +379,20 @@ def _is_int(x, lo):
 
 def pathfinder(batch, length=14, task="seg", size=150, *, distractors=None, canvas=300, faithful=False,
                split="train", seed=0, device=None, max_tries=10_000):
-    """A batch of Pathfinder images, generated on `device` (spec: specs/pathfinder_spec.md).
+    """A batch of Pathfinder images, generated on `device`.
 
     batch: images to make. length: paddles per target snake N (>= 2; the papers used 6, 9, 14, 18, 20, 25).
     task: "seg" (C-RBP): one dot on the marked snake's origin, target = mask of that snake plus the dot;
           "cls" (hGRU, LocRNN): two markers, label 1 when both sit on the same snake (about half of each).
     size: output side; the snakes are drawn on a canvas×canvas image (300 as in the papers) and resized
           (bicubic, antialiased) to size, the models' 150 px; size must be >= canvas // 4.
-    distractors: number K of distractor snakes of length N//3. Default 30 // (N//3), the v2018 rule and the
-          setting of the spec's fingerprints (7 at N=14, 3 at N=25); the 2019 wrapper as committed used 15
-          for every N (§9.7), pass distractors=15 for that.
+    distractors: number K of distractor snakes of length N//3. Default 30 // (N//3), the v2018 rule
+          (7 at N=14, 3 at N=25); the 2019 wrapper as committed used 15 for every N, pass distractors=15 for that.
     faithful: False (default) fixes two bugs of the original: target snakes are tested against each
-          other's newest paddle, so they never touch (§9.3), and snake 0's last paddle is committed, so no
-          distractor touches it (§9.4). True keeps both bugs.
+          other's newest paddle, so they never touch, and snake 0's last paddle is committed, so no
+          distractor touches it. True keeps both bugs.
     split, seed: pick the random stream (see the module docstring). max_tries: pair attempts per image
-          before RuntimeError (the original retried forever, §9.9).
+          before RuntimeError (the original retried forever).
     Returns images (B, 1, size, size) float32 in [0, 1] (multiples of 1/255) and, for "seg", masks
     (B, size, size) bool, for "cls", labels (B,) int64.
     """
@@ -437,7 +435,7 @@ def _walker(device):
 
 
 def mazes(batch, grid=11, *, canvas=None, split="train", seed=0, device=None):
-    """A batch of easy-to-hard mazes (specs/mazes_locrnn_spec.md §1), generated on `device`.
+    """A batch of easy-to-hard mazes, generated on `device`.
 
     grid: odd lattice side s >= 3 (9, 11, 13 -> 24, 28, 32 px; side 2s+6); (s+1)/2 cells per side.
     Start and goal are two distinct uniform cells; the maze is a randomized depth-first search (recursive
@@ -503,6 +501,39 @@ def mazes(batch, grid=11, *, canvas=None, split="train", seed=0, device=None):
         bigm[rows[:, None, None], yy, xx] = mask
         img, mask = big.permute(0, 3, 1, 2).contiguous(), bigm
     return img, mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A task's stream of batches, as train.py trains on it and report.py evaluates on it
+
+TASKS = ("pathfinder-seg", "pathfinder-cls", "mazes")  # the task names of models.py
+RENDER_CHUNK = 1024  # images per renderer call on a GPU, where each call has a fixed cost
+_chunk = {}  # the chunk rendered last: consecutive batches are cut from it
+
+
+def task_batch(task, index, batch, *, split="train", seed=0, device=None, length=14, size=150, grid=11,
+               canvas=32):
+    """Batch number `index` (0, 1, ...) of a task's stream: images, targets (long) and, for mazes, the free
+    pixels (B x H x W bool; None otherwise). On a GPU, batches are cut from chunks of RENDER_CHUNK images,
+    each rendered from its own seed (seed * 1_000_003 + chunk), so any batch can be made again: that is how
+    a resumed run replays its data exactly. On the CPU every batch is its own chunk.
+    length and size are Pathfinder's, grid and canvas the mazes'."""
+    _check(task in TASKS, f"task must be one of {TASKS}, got {task!r}")
+    _check(_is_int(index, 0) and _is_int(batch, 1), f"index must be an int >= 0 and batch one >= 1, got "
+                                                    f"{index!r}, {batch!r}")
+    device = torch.device("cpu" if device is None else device)
+    per = max(1, RENDER_CHUNK // batch) if device.type == "cuda" else 1  # batches per chunk
+    chunk, i = divmod(index, per)
+    key = (task, seed, size, canvas, length, grid, split, chunk, per * batch, str(device))
+    if _chunk.get("key") != key:
+        kw = dict(device=device, seed=seed * 1_000_003 + chunk, split=split)
+        if task == "mazes":
+            images, targets = mazes(per * batch, grid=grid, canvas=canvas, **kw)
+        else:
+            images, targets = pathfinder(per * batch, length=length, size=size, task=task[11:], **kw)
+        _chunk.update(key=key, images=images, targets=targets.long())
+    images, targets = (_chunk[k][i * batch:(i + 1) * batch] for k in ("images", "targets"))
+    return images, targets, (images.amax(1) > 0 if task == "mazes" else None)  # mazes: free = not black
 
 
 def show(kind, out, n=16, device=None, seed=0, **kw):

@@ -27,6 +27,7 @@ B x 2 x H x W). Default sizes per task are in TASKS and in each constructor belo
 import functools
 import inspect
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -736,7 +737,7 @@ def resnet(task="mazes", *, depth=36, width=64):
     return Feedforward(_cls(task, net), task=task)
 
 
-def rresnet(task="mazes", *, width=64, steps=None, algo=None):
+def rresnet(task="mazes", *, width=64, steps=8, algo="bptt"):
     """Weight-tied R-ResNet: R-ResNet-d runs its 2-block group (d - 4)/4 times, so T = 8 is R-ResNet-36.
     The head runs after every iteration on request (per_step, the "thoughts"). 170,064 parameters."""
     _check_int("width", width, 1)
@@ -758,7 +759,49 @@ def build(name: str, task: str = "pathfinder-seg", **options) -> nn.Module:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for model {name!r}: it takes {allowed}")
-    return MODELS[name](task=task, **options)
+    model = MODELS[name](task=task, **options)
+    model.build_config = {"name": name, "task": task, "options": dict(options)}  # what save() records
+    return model
+
+
+def defaults(name: str, task: str = "pathfinder-seg") -> tuple:
+    """(steps T, algo) that build(name, task) uses when given neither; (None, None) for a feedforward model."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: pass one of {sorted(MODELS)}")
+    params = inspect.signature(MODELS[name]).parameters
+    if "steps" not in params:
+        return None, None
+    pick = lambda key: TASKS[task][key] if params[key].default is None else params[key].default
+    return pick("steps"), pick("algo")
+
+
+def save(model: nn.Module, path) -> None:
+    """Write a model that build() made: its weights and the build() call, so that load() needs nothing else."""
+    torch.save({"build": model.build_config, "model": model.state_dict()}, path)
+
+
+def load(path, device="cpu") -> nn.Module:
+    """A trained model from a file of save() or train.py's checkpoint.pt, or from a run directory (its
+    model.pt, else its checkpoint.pt). In eval mode, on `device`: ready for model(images, steps=T,
+    per_step=True). The steps and algo it trained with are model.steps and model.algo."""
+    if os.path.isdir(path):
+        files = [os.path.join(path, f) for f in ("model.pt", "checkpoint.pt") if os.path.isfile(os.path.join(path, f))]
+        if not files:
+            raise ValueError(f"{path} holds neither model.pt nor checkpoint.pt: pass a run directory that "
+                             "train.py wrote, or one of those files")
+        path = files[0]
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; pass a run directory or a file that models.save wrote") from None
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} cannot be read as a saved model ({type(e).__name__}: {e})") from None
+    if not (isinstance(saved, dict) and "build" in saved and "model" in saved):
+        raise ValueError(f"{path} has no build config and weights: it was not written by models.save or train.py")
+    b = saved["build"]
+    model = build(b["name"], b["task"], **b["options"])
+    model.load_state_dict(saved["model"])
+    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------

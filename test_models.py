@@ -438,6 +438,7 @@ def pathfinder_batch():
     return images, masks.long()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo,steps", [("bptt", 6), ("c-rbp", 10)])
 def test_hgru_overfits_pathfinder(pathfinder_batch, algo, steps):
     x, y = pathfinder_batch

@@ -1,4 +1,5 @@
-"""Tests of train.py: metrics and analysis against hand-computed cases, figure files, CLI runs on the CPU."""
+"""Tests of report.py and train.py: metrics and analysis against hand-computed cases, figure files, and the
+command line end to end on the CPU (each bug a user met has a test here)."""
 import json
 import math
 import struct
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 import figures
-
+import models
+import report
 import train
 
 
@@ -19,16 +21,16 @@ def test_seg_metrics_on_a_hand_counted_case():
     target = torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 0]]])  # 2 positives, 6 negatives
     pred = torch.tensor([[[1, 0, 1, 0], [0, 0, 0, 0]]])  # TP 1, FN 1, FP 1, TN 5
     logits = torch.stack([1 - pred, pred], 1).float()
-    counts = train.seg_counts(logits, target)
+    counts = report.seg_counts(logits, target)
     assert counts.tolist() == [[1, 1, 1, 5]]
-    m = train.seg_metrics(counts[0])
+    m = report.seg_metrics(counts[0])
     assert m["recall"] == 0.5 and m["precision"] == 0.5 and m["f1"] == 0.5
     assert math.isclose(m["bal_acc"], (0.5 + 5 / 6) / 2) and math.isclose(m["iou"], 0.5 / 1.5)
 
 
 def test_batch_averaged_and_pooled_metrics_differ_as_defined():
     a, b = torch.tensor([1.0, 0, 0, 9]).double(), torch.tensor([1.0, 3, 0, 6]).double()  # F1 1.0 and 0.4
-    out = train.summarize_seg([a, b])
+    out = report.summarize_seg([a, b])
     assert math.isclose(out["f1"], (1.0 + 0.4) / 2)  # the paper: unweighted mean over batches
     assert math.isclose(out["pooled_f1"], 2 * 2 / (2 * 2 + 3 + 0))  # pooled counts
 
@@ -36,7 +38,7 @@ def test_batch_averaged_and_pooled_metrics_differ_as_defined():
 def test_focal_loss_matches_its_formula():
     logits, target = torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.randint(0, 2, (2, 3, 3))
     p = logits.softmax(1).gather(1, target[:, None])[:, 0]
-    assert torch.isclose(train.focal_loss(logits, target).double(), (-(1 - p) ** 2 * p.log()).mean())
+    assert torch.isclose(report.focal_loss(logits, target).double(), (-(1 - p) ** 2 * p.log()).mean())
 
 
 def test_maze_solved_needs_every_free_pixel_and_ignores_walls():
@@ -45,8 +47,8 @@ def test_maze_solved_needs_every_free_pixel_and_ignores_walls():
     good = torch.tensor([[[0, 1, 1], [1, 0, 0]]])  # wrong only on a wall pixel
     bad = torch.tensor([[[0, 1, 0], [0, 0, 0]]])
     to_logits = lambda p: torch.stack([1 - p, p], 1).float()
-    assert train.maze_solved(to_logits(good), target, free).tolist() == [True]
-    assert train.maze_solved(to_logits(bad), target, free).tolist() == [False]
+    assert report.maze_solved(to_logits(good), target, free).tolist() == [True]
+    assert report.maze_solved(to_logits(bad), target, free).tolist() == [False]
 
 
 # ---- state-space analysis -------------------------------------------------------------------------
@@ -55,26 +57,26 @@ def test_pca_finds_the_direction_of_points_on_a_line():
     d = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64) / 3
     origin = torch.tensor([5.0, -1.0, 0.5], dtype=torch.float64)
     X = torch.linspace(-2, 3, 11, dtype=torch.float64)[:, None] * d + origin
-    mean, comps = train.pca(X, k=1)
+    mean, comps = report.pca(X, k=1)
     assert torch.allclose(mean, X.mean(0)) and math.isclose(abs(float(comps[0] @ d)), 1.0, rel_tol=1e-12)
 
 
 def test_state_space_distance_is_mean_squared_difference_between_t_N_and_t_T():
     g = torch.Generator().manual_seed(0)
     pooled = torch.randn(5, 6, 3, generator=g, dtype=torch.float64)  # 5 images, T = 6, C = 3
-    proj, dist = train.state_space(pooled, N=4, k=2)
-    mean, comps = train.pca(pooled[:, :4].reshape(-1, 3), 2)
+    proj, dist = report.state_space(pooled, N=4, k=2)
+    mean, comps = report.pca(pooled[:, :4].reshape(-1, 3), 2)
     want = ((pooled[:, 3] - mean) @ comps.T - (pooled[:, 5] - mean) @ comps.T).square().mean(1)
     assert proj.shape == (5, 6, 2) and torch.allclose(dist, want)
 
 
 def test_ks_statistic_by_hand_and_kolmogorov_critical_values():
-    D, p = train.ks_2samp([1, 2, 3, 4], [3.5, 5, 6, 7])  # ECDFs differ most at x = 3: 3/4 - 0
+    D, p = report.ks_2samp([1, 2, 3, 4], [3.5, 5, 6, 7])  # ECDFs differ most at x = 3: 3/4 - 0
     assert D == 0.75
-    assert train.ks_2samp([1, 2, 3], [1, 2, 3]) == (0.0, 1.0)
+    assert report.ks_2samp([1, 2, 3], [1, 2, 3]) == (0.0, 1.0)
     # The classic 5% and 1% critical values of the Kolmogorov distribution.
-    assert abs(train.kolmogorov_q(1.3581) - 0.05) < 1e-4 and abs(train.kolmogorov_q(1.6276) - 0.01) < 1e-4
-    far = train.ks_2samp(torch.arange(50.0), torch.arange(50.0) + 100)
+    assert abs(report.kolmogorov_q(1.3581) - 0.05) < 1e-4 and abs(report.kolmogorov_q(1.6276) - 0.01) < 1e-4
+    far = report.ks_2samp(torch.arange(50.0), torch.arange(50.0) + 100)
     assert far[0] == 1.0 and far[1] < 1e-6
 
 
@@ -117,22 +119,26 @@ def test_svg_plot_parses_and_has_the_series(tmp_path):
 # ---- the command line, end to end on the CPU --------------------------------------------------------
 
 MODELS = ["hgru", "hgru_gn", "convlstm", "locrnn", "convgru", "ff", "resnet", "rresnet"]
+FAST = {("pathfinder", "hgru"), ("pathfinder-cls", "locrnn"), ("mazes", "convgru")}  # one quick run per task
+MATRIX = [pytest.param(t, m, marks=() if (t, m) in FAST else pytest.mark.slow)
+          for t in ("pathfinder", "pathfinder-cls", "mazes") for m in MODELS]
 
 
-@pytest.mark.parametrize("task", ["pathfinder", "pathfinder-cls", "mazes"])
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("task,model", MATRIX)
 def test_dry_run_trains_evaluates_and_writes_the_run_dir(tmp_path, task, model, capsys):
     out = tmp_path / "run"
     train.main(["--task", task, "--model", model, "--dry-run", "--device", "cpu", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "parameters" in printed and "held-out" in printed
+    assert "parameters" in printed and "held-out" in printed and "chance" in printed
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert any("loss" in r and math.isfinite(r["loss"]) for r in rows) and "final" in rows[-1]
+    assert any("loss" in r and math.isfinite(r["loss"]) for r in rows)
+    assert "final" in json.load(open(out / "report.json"))
     assert json.load(open(out / "config.json"))["model"] == model
     for fig in ("learning_curve.svg", "per_step.svg"):
         ET.parse(out / fig)
     if model not in ("ff", "resnet"):
         assert len(json.load(open(out / "state_space.json"))["distance"]) > 0
+        assert "state-space drift" in printed and "fixed point" in printed
     if task != "pathfinder-cls" and model not in ("ff", "resnet"):
         png_chunks(out / "timecourse.png")
 
@@ -140,68 +146,240 @@ def test_dry_run_trains_evaluates_and_writes_the_run_dir(tmp_path, task, model, 
 def tiny(out, *extra):
     return ["--task", "mazes", "--model", "convgru", "--channels", "8", "--kernel", "3", "--algo", "c-bptt",
             "--steps", "2", "--batch-size", "4",
-            "--images", "24", "--eval-images", "4", "--eval-batch-size", "4", "--eval-every", "1000",
+            "--images", "24", "--eval-images", "4", "--eval-batch-size", "4", "--eval-every", "8",
             "--eval-steps", "3", "--device", "cpu", "--out", str(out), *extra]
+
+
+def weights(run):
+    return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+def assert_same_weights(a, b):
+    assert a["iteration"] == b["iteration"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 def test_resume_in_pieces_equals_one_uninterrupted_run(tmp_path):
     train.main(tiny(tmp_path / "whole"))
     train.main(tiny(tmp_path / "pieces", "--until", "12"))
-    mid = torch.load(tmp_path / "pieces" / "checkpoint.pt", weights_only=False)
+    mid = weights(tmp_path / "pieces")
     assert mid["iteration"] == 3
     train.main(["--resume", str(tmp_path / "pieces")])
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "pieces" / "checkpoint.pt", weights_only=False)
-    assert a["iteration"] == b["iteration"] == 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "pieces")
+    assert a["iteration"] == 6
+    assert_same_weights(a, b)
     assert any(not torch.equal(a["model"][k], mid["model"][k]) for k in a["model"])
+    rows = lambda run: [(r["images"], sorted(r)) for r in report.read_metrics(run)]
+    assert rows(tmp_path / "whole") == rows(tmp_path / "pieces")
 
 
-def test_bad_command_lines_say_what_is_wrong(tmp_path, capsys):
-    cases = [
-        (["--task", "cifar"], "invalid choice"),
-        (["--model", "transformer"], "--model must be one of"),
-        (["--algo", "rbp", "--steps", "1"], "--steps >= 2"),
-        (["--algo", "tbptt"], "needs --truncate"),
-        (["--model", "ff", "--algo", "c-rbp"], "feedforward"),
-        (["--mu", "1.5"], "--mu must be"),
-        (["--resume", str(tmp_path / "nothing")], "no config.json"),
-    ]
-    for argv, message in cases:
-        with pytest.raises(SystemExit):
-            train.parse_args(argv)
-        assert message in capsys.readouterr().err, argv
-
-
-def test_resume_refuses_a_changed_config_and_a_corrupt_checkpoint(tmp_path, capsys):
+def test_resume_trims_rows_logged_after_the_checkpoint(tmp_path):
+    train.main(tiny(tmp_path / "whole"))
     train.main(tiny(tmp_path / "r", "--until", "8"))
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # as if the process died after logging these
+        f.write(json.dumps({"images": 12, "eval": {"acc": 0.5}}) + "\n" + json.dumps({"images": 16, "loss": 1.0}) + "\n")
+    train.main(["--resume", str(tmp_path / "r")])
+    images = lambda run: [r["images"] for r in report.read_metrics(run)]
+    assert images(tmp_path / "r") == images(tmp_path / "whole")
+
+
+BAD = [
+    (["--task", "cifar"], "invalid choice"),
+    (["--model", "transformer"], "--model must be one of"),
+    (["--algo", "rbp", "--steps", "1"], "--steps >= 2"),
+    (["--algo", "tbptt"], "needs --truncate"),
+    (["--model", "ff", "--algo", "c-rbp"], "feedforward"),
+    (["--mu", "1.5"], "--mu must be"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--neumann-steps", "-3"], "--neumann-steps must be >= 0"),
+    (["--length", "0"], "pass >= 2"),
+    (["--size", "8"], "--size must be >= 75"),
+    (["--task", "mazes", "--grid", "10"], "must be odd"),
+    (["--penalty-weight", "-10"], "--penalty-weight must be >= 0"),
+    (["--kernel", "4"], "--kernel must be odd"),
+    (["--device", "tpu"], "pass auto, cpu, cuda"),
+    (["--resume", "nowhere"], "no config.json"),
+    (["--resume", "a", "--report", "b"], "pass one of"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_command_lines_fail_early_and_say_what_to_pass(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # nothing may be written: not even runs/
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_fails_early(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--resume", str(tmp_path / "r"), "--lr", "0.5"])
-    assert "--lr 0.5 (run has 0.001)" in capsys.readouterr().err
+        train.main(["--device", "cuda", "--out", str(tmp_path / "run")])
+    assert "no CUDA GPU is visible" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_unwritable_out_fails_early(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        train.main(tiny(tmp_path / "file" / "run"))
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_config_another_out_and_a_corrupt_file(tmp_path, capsys):
+    train.main(tiny(tmp_path / "r", "--until", "8"))
+    capsys.readouterr()
+    for argv, message in ((["--lr", "0.5"], "--lr 0.5 (run has 0.001)"),
+                          (["--out", str(tmp_path / "b")], "copy the directory")):
+        with pytest.raises(SystemExit):
+            train.main(["--resume", str(tmp_path / "r"), *argv])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(SystemExit):
+        train.main(tiny(tmp_path / "r"))
+    assert "unfinished run: continue it with --resume" in capsys.readouterr().err
     (tmp_path / "r" / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot be read"):
         train.main(["--resume", str(tmp_path / "r")])
-    with pytest.raises(SystemExit, match="already holds a run"):
+    (tmp_path / "r" / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path / "r")])
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_not_overwritten_and_says_how_to_start_afresh(tmp_path, capsys):
+    train.main(tiny(tmp_path / "r"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
         train.main(tiny(tmp_path / "r"))
+    err = capsys.readouterr().err
+    assert "finished run" in err and "--report" in err and "rm -r" in err
+    with pytest.raises(SystemExit):  # a preset's run directory: `make clean`
+        train.parse_args(["--preset", "pathfinder-cpu", "--out", str(tmp_path / "r")])
+    assert "make clean" in capsys.readouterr().err
+
+
+def test_dry_run_honours_typed_options_and_writes_to_a_temporary_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for _ in range(2):  # twice: a second dry run must not find the first one's run directory
+        train.main(["--task", "mazes", "--model", "convgru", "--dry-run", "--device", "cpu", "--steps", "2",
+                    "--images", "12", "--lr", "0.01"])
+    runs = sorted((tmp_path / "tmp").iterdir())
+    assert len(runs) == 2 and not (tmp_path / "runs").exists()
+    cfg = json.load(open(runs[0] / "config.json"))
+    assert (cfg["steps"], cfg["images"], cfg["lr"], cfg["batch_size"]) == (2, 12, 0.01, 4)
+    assert weights(runs[0])["iteration"] == 3
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    train.main(tiny(tmp_path / "whole"))
+    task, calls = report.TASKS["mazes"], []
+
+    def loss(*a):  # Ctrl-C during the third step
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return task.loss(*a)
+    monkeypatch.setitem(report.TASKS, "mazes", task._replace(loss=loss))
+    train.main(tiny(tmp_path / "r"))
+    printed = capsys.readouterr().out
+    assert "Ctrl-C" in printed and f"python train.py --resume {tmp_path / 'r'}" in printed
+    assert weights(tmp_path / "r")["iteration"] == 3
+    monkeypatch.setitem(report.TASKS, "mazes", task)
+    train.main(["--resume", str(tmp_path / "r")])
+    assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "r"))
+
+
+def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    train.main(tiny(tmp_path / "r", "--until", "8"))
+    good = weights(tmp_path / "r")
+
+    def full_disk(obj, path):
+        open(path, "wb").write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        train.main(["--resume", str(tmp_path / "r")])
+    monkeypatch.undo()
+    assert not (tmp_path / "r" / "checkpoint.pt.tmp").exists()
+    assert_same_weights(weights(tmp_path / "r"), good)
 
 
 @pytest.mark.parametrize("algo", ["c-bptt", "tbptt"])
 def test_other_algos_dry_run(tmp_path, algo):
     train.main(["--task", "mazes", "--model", "convgru", "--algo", algo, "--dry-run", "--device", "cpu",
                 "--out", str(tmp_path / "run")] + (["--truncate", "2"] if algo == "tbptt" else []))
-    assert "final" in json.loads(open(tmp_path / "run" / "metrics.jsonl").readlines()[-1])
+    assert "final" in json.load(open(tmp_path / "run" / "report.json"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     train.main(tiny(tmp_path / "r", "--until", "8"))
-    good = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
-    monkeypatch.setattr(train, "task_loss", lambda args, logits, target, free: logits.sum() * float("nan"))
+    good = weights(tmp_path / "r")
+    monkeypatch.setitem(report.TASKS, "mazes", report.TASKS["mazes"]._replace(
+        loss=lambda logits, target, free: logits.sum() * float("nan")))
     with pytest.raises(SystemExit, match="non-finite loss"):
         train.main(["--resume", str(tmp_path / "r")])
-    kept = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
-    assert kept["iteration"] == good["iteration"] == 2
-    assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+    assert good["iteration"] == 2
+    assert_same_weights(weights(tmp_path / "r"), good)
+
+
+# ---- from a saved run: models.load, --report, --eval --------------------------------------------------
+
+def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
+    run = tmp_path / "r"
+    train.main(tiny(run))
+    first = json.load(open(run / "report.json"))
+    model = models.load(str(run))
+    assert not model.training and model.steps == 2
+    images, _, _ = report.data.task_batch("mazes", 0, 2, split="test")
+    out = model(images, steps=5, per_step=True)
+    assert len(out.per_step) == 5 and out.per_step[-1].shape == (2, 2, 32, 32)
+    assert torch.equal(models.load(str(run / "checkpoint.pt")).state_dict()["cell.w_h.weight"],
+                       model.state_dict()["cell.w_h.weight"])
+    for f in ("report.json", "per_step.svg", "learning_curve.svg", "state_space.svg", "timecourse.png"):
+        (run / f).unlink()
+    capsys.readouterr()
+    train.main(["--report", str(run)])
+    printed = capsys.readouterr().out
+    assert json.load(open(run / "report.json")) == first and "held-out (4 images) at T=2" in printed
+    assert all((run / f).exists() for f in ("per_step.svg", "learning_curve.svg", "state_space.svg", "timecourse.png"))
+    curve = train.main(["--eval", str(run), "--grid", "9", "--steps", "5"])
+    assert len(curve) == 5 and "on grid 9" in capsys.readouterr().out
+    assert len(json.load(open(run / "eval_grid9_T5.json"))["per_step"]) == 5
+    with pytest.raises(SystemExit):
+        train.main(["--eval", str(run), "--lr", "0.5"])
+    with pytest.raises(ValueError, match="neither model.pt nor checkpoint.pt"):
+        models.load(str(tmp_path))
+
+
+def test_held_out_checks_print_on_their_own_lines(tmp_path, capsys, monkeypatch):
+    train.main(tiny(tmp_path / "r"))  # piped (capsys): every check is printed, once
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("held-out check at") for line in lines) == 3
+    monkeypatch.setattr(train.sys.stdout, "isatty", lambda: True, raising=False)
+    p = train.Progress(10)
+    p.update(5, 1.0, "loss 1")
+    p.note("held-out check")
+    p.update(10, 1.0, "loss 0.5")
+    p.close()
+    out = capsys.readouterr().out
+    assert "\nheld-out check\n" in out and out.endswith("\n")
+
+
+def test_neumann_summary_counts_stop_reasons_and_residuals():
+    rows = [{"images": 10 * i, "loss": 1.0, "residual": r, "neumann_stop": s}
+            for i, (r, s) in enumerate([(0.1, "tolerance"), (0.3, "tolerance"), (0.2, "max_terms")])]
+    line = report.neumann_summary(rows + [{"images": 0, "eval": {}}])
+    assert "3 logged training steps" in line and "max_terms 1x, tolerance 2x" in line
+    assert "median 0.2, max 0.3" in line
+    assert report.neumann_summary([{"images": 1, "loss": 1.0}]) is None
 
 
 def test_ks_compare_of_two_runs(tmp_path, capsys):

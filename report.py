@@ -1,0 +1,359 @@
+"""What a trained model does: the papers' losses and metrics, held-out evaluation after every step, the
+state-space analysis with its KS test, and the figures and tables of a run directory.
+
+    import models, report
+    model = models.load("runs/pathfinder-14")                   # eval mode, the trained weights
+    cfg = report.load_config("runs/pathfinder-14")              # the run's config.json as attributes
+    curve = report.evaluate(model, cfg, "cpu", steps=40, n_images=256, per_step=True)  # [{metric: value}] per t
+    report.full(model, cfg, "cpu")                               # every table and figure, as train.py's end
+
+`cfg` is any object with the attributes of train.py's config.json (task, seed, length, size, grid,
+canvas, steps, eval_steps, eval_images, eval_batch_size, eval_lengths, amp, model, algo, out).
+Evaluation images come from data.py's test seed stream only, which training never draws from.
+"""
+import argparse
+import json
+import math
+import os
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+import data
+import figures
+
+# ----------------------------------------------------------------------------------------------------
+# Losses and the papers' metrics
+
+
+def focal_loss(logits, target, gamma=2.0):
+    """Focal loss (Lin et al. 2017) with gamma = 2 and no alpha, as the C-RBP Pathfinder code.
+
+    FL = -(1 - p_t)^gamma log p_t per pixel, averaged over all pixels; p_t is detached where it forms the
+    modulating factor, as in the paper code. logits (B, 2, H, W), target (B, H, W) long.
+    """
+    logp_t = F.log_softmax(logits.float(), 1).gather(1, target[:, None])[:, 0]  # (B, H, W)
+    return (-(1 - logp_t.detach().exp()) ** gamma * logp_t).mean()
+
+
+def maze_loss(logits, target, free):
+    """Per-pixel cross-entropy on free pixels only (walls and padding are excluded, as the LocRNN code)."""
+    loss = F.cross_entropy(logits.float(), target, reduction="none")  # (B, H, W)
+    return (loss * free).sum() / free.sum().clamp_min(1)
+
+
+def seg_counts(logits, target):
+    """Pixel counts (TP, FP, FN, TN) of argmax predictions, per image: (B, 4) float64."""
+    pred, target = logits.argmax(1).bool().flatten(1), target.bool().flatten(1)  # (B, H*W)
+    return torch.stack([(pred & target).sum(1), (pred & ~target).sum(1), (~pred & target).sum(1),
+                        (~pred & ~target).sum(1)], 1).double()
+
+
+def seg_metrics(counts):
+    """Balanced accuracy, precision, recall, F1 and IoU = F1 / (2 - F1) from (TP, FP, FN, TN) counts."""
+    tp, fp, fn, tn = counts.unbind(-1)
+    recall, tnr = tp / (tp + fn).clamp_min(1), tn / (tn + fp).clamp_min(1)
+    precision = tp / (tp + fp).clamp_min(1)
+    f1 = 2 * tp / (2 * tp + fp + fn).clamp_min(1)
+    return {"bal_acc": (recall + tnr) / 2, "precision": precision, "recall": recall, "f1": f1,
+            "iou": f1 / (2 - f1)}
+
+
+def summarize_seg(batch_counts):
+    """The paper averages per-batch metrics unweighted; pooled metrics sum the counts over all images.
+
+    batch_counts: a list of (4,) count tensors, one per evaluation batch.
+    """
+    per_batch = seg_metrics(torch.stack(batch_counts))
+    pooled = seg_metrics(torch.stack(batch_counts).sum(0))
+    out = {k: v.mean().item() for k, v in per_batch.items()}
+    out.update({f"pooled_{k}": v.item() for k, v in pooled.items()})
+    return out
+
+
+def maze_solved(logits, target, free):
+    """A maze counts only if the prediction, masked to free pixels, equals the target at every pixel."""
+    pred = logits.argmax(1) * free.long()
+    return (pred == target).flatten(1).all(1)  # (B,) bool
+
+
+def _accuracy(scores):
+    return {"acc": torch.stack(scores).mean().item()}
+
+
+class Task(NamedTuple):
+    """What train.py and the report need to know about a task, so that nothing else branches on its name."""
+    name: str  # the task of models.py and data.py
+    knob: str  # the difficulty option: "length" (Pathfinder contour) or "grid" (maze side)
+    loss: Callable  # loss(logits, target, free) -> 0-d tensor
+    score: Callable  # score(logits, target, free) -> one evaluation batch's record
+    summarize: Callable  # summarize([record per batch]) -> {metric: value}
+    metric: str  # the headline metric at the trained T
+    curve: str  # the metric of the per-step (extrapolation) curves
+    chance: str  # what a guess scores on the headline metric, said in words
+    eval_steps: Callable  # default T of the per-step curve, from the trained T
+
+
+TASKS = {
+    # C-RBP: segment the contour that touches the dot. The per-step curve is F1, as the paper's Fig. S8:
+    # balanced accuracy is lenient there (marking every bright contour still scores high).
+    "pathfinder": Task("pathfinder-seg", "length", lambda z, y, free: focal_loss(z, y),
+                       lambda z, y, free: seg_counts(z, y).sum(0), summarize_seg, "bal_acc", "f1",
+                       "0.5 for any constant or random mask", lambda T: 40),
+    # LocRNN: do the two markers sit on one contour (about half of the images do)
+    "pathfinder-cls": Task("pathfinder-cls", "length", lambda z, y, free: F.cross_entropy(z.float(), y),
+                           lambda z, y, free: (z.argmax(1) == y).double().mean(), _accuracy, "acc", "acc",
+                           "0.5", lambda T: 40),
+    # LocRNN: the path from green to red; a maze counts only when every free pixel is right
+    "mazes": Task("mazes", "grid", lambda z, y, free: maze_loss(z, y, free.float()),
+                  lambda z, y, free: maze_solved(z, y, free).double().mean(), _accuracy, "acc", "acc",
+                  "about 0: every free pixel must be right", lambda T: 3 * T),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: held-out metrics at one T or after every step t = 1..T
+
+
+def autocast(cfg, device):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg.amp))
+
+
+def forward(model, images, steps, per_step=False, **opts):
+    """The model's Output; feedforward controls take no steps, algo or crbp options."""
+    if not model.recurrent:
+        return model(images)
+    return model(images, steps=steps, per_step=per_step, **opts)
+
+
+def data_options(cfg, **override):
+    """The data.task_batch options of a run, with e.g. length=25 for an extrapolation test set."""
+    return {"seed": cfg.seed, "length": cfg.length, "size": cfg.size, "grid": cfg.grid, "canvas": cfg.canvas,
+            **override}
+
+
+@torch.no_grad()
+def evaluate(model, cfg, device, steps, n_images, per_step=False, **knob):
+    """Held-out metrics at `steps`, or (per_step=True) at every t = 1..steps: a dict, or a list of dicts
+    indexed by t - 1. knob: length=N (Pathfinder) or grid=N (mazes) for another test set."""
+    task, device = TASKS[cfg.task], torch.device(device)
+    was_training = model.training
+    model.eval()
+    bs = min(cfg.eval_batch_size, n_images)
+    results = None
+    for b in range(math.ceil(n_images / bs)):
+        images, target, free = data.task_batch(task.name, b, bs, split="test", device=device,
+                                               **data_options(cfg, **knob))
+        with autocast(cfg, device):
+            out = forward(model, images, steps, algo="bptt", per_step=per_step)
+        logits_t = out.per_step if out.per_step is not None else [out.logits]  # T x (B, classes, ...)
+        if results is None:
+            results = [[] for _ in logits_t]
+        for r, logits in zip(results, logits_t):
+            r.append(task.score(logits, target, free))
+    model.train(was_training)
+    summary = [task.summarize(r) for r in results]
+    return summary if per_step else summary[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# State-space analysis (C-RBP supplement): do the dynamics stay near a fixed point after the trained steps?
+
+
+def pca(X, k=2):
+    """Principal axes of the rows of X: (mean (D,), components (k, D)), by SVD of the centred data."""
+    mean = X.mean(0)
+    _, _, Vh = torch.linalg.svd(X - mean, full_matrices=False)
+    return mean, Vh[:k]
+
+
+def state_space(pooled, N, k=2):
+    """pooled: (images, T, C) spatially averaged states h_1..h_T. PCA fit on t <= N, projection of all t.
+
+    Returns the projections (images, T, k) and the per-image distance between t = N and t = T: the mean
+    over components of the squared difference (the paper's script; it has no square root).
+    """
+    n, T, C = pooled.shape
+    mean, comps = pca(pooled[:, :N].reshape(-1, C).double(), k)
+    proj = (pooled.double() - mean) @ comps.T  # (images, T, k)
+    return proj, (proj[:, N - 1] - proj[:, T - 1]).square().mean(1)
+
+
+def ks_2samp(a, b):
+    """Two-sample Kolmogorov-Smirnov test: (D, p). p from the asymptotic Kolmogorov distribution with
+    Stephens' small-sample correction (Numerical Recipes' probks), good for n*m/(n+m) >= ~4."""
+    a, b = (torch.as_tensor(s, dtype=torch.float64).sort().values for s in (a, b))
+    x = torch.cat([a, b])
+    cdf_a = torch.searchsorted(a, x, right=True) / len(a)
+    cdf_b = torch.searchsorted(b, x, right=True) / len(b)
+    D = (cdf_a - cdf_b).abs().max().item()
+    en = math.sqrt(len(a) * len(b) / (len(a) + len(b)))
+    return D, kolmogorov_q((en + 0.12 + 0.11 / en) * D)
+
+
+def kolmogorov_q(lam):
+    """P(K > lam) of the Kolmogorov distribution: Q(lam) = 2 sum_{j>=1} (-1)^(j-1) exp(-2 j^2 lam^2)."""
+    if lam < 0.2:  # the series converges slowly here, and Q is 1 to 1e-10
+        return 1.0
+    return min(1.0, max(0.0, 2 * sum((-1) ** (j - 1) * math.exp(-2 * j * j * lam * lam) for j in range(1, 101))))
+
+
+DRIFT = ("each image's squared distance between its pooled state at t={N} and t={T}, in the PC1-PC2 plane "
+         "fitted on t <= {N}; near 0: it stays at its fixed point")
+
+
+@torch.no_grad()
+def analyse_states(model, cfg, device, n_images=None):
+    """Spatially pooled states h_1..h_T on held-out images; PCA on t <= N = the trained steps. Returns the
+    per-image N -> T distances and draws PC1/PC2 and, for per-pixel tasks, a segmentation time course."""
+    task, device = TASKS[cfg.task], torch.device(device)
+    was_training = model.training
+    model.eval()
+    n_images = n_images or min(cfg.eval_images, 256)
+    images, target, _ = data.task_batch(task.name, 0, n_images, split="test", device=device, **data_options(cfg))
+    pooled, probs = [], []
+    for i in range(0, n_images, cfg.eval_batch_size):
+        chunk = images[i:i + cfg.eval_batch_size]
+        with autocast(cfg, device):
+            states = forward(model, chunk, cfg.eval_steps, algo="bptt", per_step="state").per_step
+            if i == 0:
+                logits = forward(model, chunk, cfg.eval_steps, algo="bptt", per_step=True).per_step
+                probs = torch.stack([z.float().softmax(1)[:, 1] for z in logits], 1)  # (B, T, ...)
+        # the first tensor of the state (h of ConvLSTM's (h, c), L of LocRNN's (L, S)), pooled over space
+        pooled.append(torch.stack([(h[0] if isinstance(h, tuple) else h).float().mean((-2, -1)) for h in states], 1))
+    model.train(was_training)
+    proj, dist = state_space(torch.cat(pooled).cpu(), cfg.steps)
+    T, N, shown = cfg.eval_steps, cfg.steps, proj[:32]  # 32 images' trajectories keep the SVG small
+    figures.svg_plot(os.path.join(cfg.out, "state_space.svg"),
+                     {f"t <= {N}": (shown[:, :N, 0].flatten().tolist(), shown[:, :N, 1].flatten().tolist()),
+                      f"t > {N}": (shown[:, N:, 0].flatten().tolist(), shown[:, N:, 1].flatten().tolist())},
+                     "PC1", "PC2", f"pooled hidden states of {len(shown)} images, PCA fit on t <= {N}", points=True)
+    if probs.dim() == 4:  # per-pixel tasks: the segmentation over steps, as the project page shows
+        show = sorted({t for t in (1, 2, 4, 8, N, T) if t <= T})
+        figures.timecourse_png(os.path.join(cfg.out, "timecourse.png"), images[:4].cpu(), target[:4].cpu(),
+                               probs[:4, [t - 1 for t in show]].cpu(), show)
+    return dist
+
+
+def compare_runs(run_a, run_b):
+    """Two-sample KS test between two runs' per-image state-space drift distances."""
+    dist = []
+    for run in (run_a, run_b):
+        path = os.path.join(run, "state_space.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"{path} is missing: train the run to the end, or draw its report with "
+                             f"`python train.py --report {run}` (it writes state_space.json)")
+        dist.append(json.load(open(path))["distance"])
+    D, p = ks_2samp(*dist)
+    med = [torch.tensor(d).median().item() for d in dist]
+    print(f"state-space drift: {run_a} median {med[0]:.3g} (n={len(dist[0])}), {run_b} median {med[1]:.3g} "
+          f"(n={len(dist[1])}); two-sample KS D = {D:.3f}, p = {p:.3g} (small p: the two distributions differ)")
+    return D, p
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run directory's tables and figures
+
+
+def load_config(run_dir):
+    """A run's config.json as attributes (ValueError if it is missing or not train.py's JSON)."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{run_dir}: no config.json there; pass a run directory that train.py wrote") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it or train a new run") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds {type(cfg).__name__}, not train.py's dict of options")
+    return argparse.Namespace(**cfg)
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def neumann_summary(rows):
+    """One line on the logged training steps: why the Neumann series stopped, and the forward residual."""
+    rows = [r for r in rows if "loss" in r]
+    stops = [r["neumann_stop"] for r in rows if r.get("neumann_stop")]
+    res = sorted(r["residual"] for r in rows if r.get("residual") is not None)
+    if not stops and not res:
+        return None
+    parts = []
+    if stops:
+        counts = {s: stops.count(s) for s in dict.fromkeys(sorted(stops))}
+        parts.append("Neumann series stopped by " + ", ".join(f"{s} {n}x" for s, n in counts.items())
+                     + " ('diverging'/'nonfinite': F was not contractive there)")
+    if res:
+        parts.append(f"forward residual ||h_T - h_T-1|| / ||h_T|| median {res[len(res) // 2]:.2g}, max {res[-1]:.2g}")
+    return f"over {len(rows)} logged training steps: " + "; ".join(parts)
+
+
+def plot_run(cfg, rows, per_step):
+    """learning_curve.svg from metrics.jsonl's rows, per_step.svg from the per-step curves {knob value: [..]}."""
+    metric = TASKS[cfg.task].curve
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r]
+    figures.svg_plot(os.path.join(cfg.out, "learning_curve.svg"),
+                     {"train loss (x10)": ([r["images"] for r in train], [10 * r["loss"] for r in train]),
+                      f"held-out {metric}": ([r["images"] for r in evals], [r["eval"][metric] for r in evals])},
+                     "training images", f"loss x10 / {metric}", f"{cfg.model} {cfg.algo}")
+    figures.svg_plot(os.path.join(cfg.out, "per_step.svg"),
+                     {f"{'grid' if cfg.task == 'mazes' else 'PF'}-{n}": (list(range(1, len(c) + 1)), c)
+                      for n, c in per_step.items()},
+                     "step t", metric, f"{cfg.model} {cfg.algo}, trained with T={cfg.steps}")
+
+
+def full(model, cfg, device):
+    """Held-out metrics at the trained T, per-step curves (also on --eval-lengths), the state-space analysis
+    and every figure; printed as a short table and saved in cfg.out (report.json, state_space.json)."""
+    task, device = TASKS[cfg.task], torch.device(device)
+    metric, knob = task.curve, getattr(cfg, task.knob)
+    curves = {knob: evaluate(model, cfg, device, cfg.eval_steps, cfg.eval_images, per_step=True)}
+    curve = curves[knob]  # the metrics after each step t = 1..eval_steps
+    if not model.recurrent:
+        final = curve[0]  # one readout
+    elif cfg.eval_steps >= cfg.steps:
+        final = curve[cfg.steps - 1]  # the per-step pass already evaluated t = T
+    else:
+        final = evaluate(model, cfg, device, cfg.steps, cfg.eval_images)
+    for n in cfg.eval_lengths or []:
+        curves[n] = evaluate(model, cfg, device, cfg.eval_steps, cfg.eval_images, per_step=True, **{task.knob: n})
+    drift = analyse_states(model, cfg, device) if model.recurrent else torch.zeros(0)
+    per_step = {str(n): [c[metric] for c in crv] for n, crv in curves.items()}
+    with open(os.path.join(cfg.out, "state_space.json"), "w") as f:
+        json.dump({"N": cfg.steps, "T": cfg.eval_steps, "distance": drift.tolist()}, f)
+    with open(os.path.join(cfg.out, "report.json"), "w") as f:
+        json.dump({"final": final, "steps": cfg.steps, "eval_images": cfg.eval_images, "per_step": per_step,
+                   "drift_median": drift.median().item() if len(drift) else None}, f, indent=1)
+    rows = read_metrics(cfg.out)
+    plot_run(cfg, rows, per_step)
+    print(f"held-out ({cfg.eval_images} images) at T={cfg.steps}: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if not k.startswith("pooled_"))
+          + f" (chance {task.metric}: {task.chance})")
+    for n, crv in curves.items():
+        best = max(range(len(crv)), key=lambda t: crv[t][metric])
+        shown = sorted({1, cfg.steps, cfg.eval_steps, min(cfg.eval_steps, 2 * cfg.steps)})
+        print(f"per-step {metric} on {task.knob} {n}: "
+              + "  ".join(f"t={t}: {crv[t - 1][metric]:.3f}" for t in shown if t <= len(crv))
+              + f"  (best {crv[best][metric]:.3f} at t={best + 1})")
+    if cfg.task == "pathfinder":
+        print(f"F1 at T={cfg.steps}: {final['f1']:.4f}, at t={cfg.eval_steps}: {curve[-1]['f1']:.4f}")
+    if model.recurrent:
+        print(f"state-space drift t={cfg.steps} -> t={cfg.eval_steps}: median {drift.median().item():.3g} over "
+              f"{len(drift)} images: " + DRIFT.format(N=cfg.steps, T=cfg.eval_steps))
+    summary = neumann_summary(rows)
+    if summary:
+        print(summary)
+    if device.type == "cuda":
+        print(f"peak GPU memory of the evaluation: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
+    print(f"figures and tables in {cfg.out}: report.json, learning_curve.svg, per_step.svg"
+          + (", state_space.svg, state_space.json" if model.recurrent else "")
+          + (", timecourse.png" if model.recurrent and cfg.task != "pathfinder-cls" else ""))
+    return final
