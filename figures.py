@@ -43,27 +43,55 @@ def grid(rgb, cols, zoom=1, gap=3):
     return (sheet.clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
 
 
+def ticks(lo, hi, n=5, integer=False):
+    """About n round tick values (1, 2 or 5 times a power of 10; whole numbers if integer) covering
+    [lo, hi]: (first, last, step)."""
+    if hi <= lo:  # one value: a unit-wide axis around it
+        lo, hi = lo - (abs(lo) or 1) / 2, hi + (abs(hi) or 1) / 2
+    e = math.floor(math.log10((hi - lo) / max(1, n - 1)))
+    steps = [m * 10.0 ** k for k in (e - 1, e, e + 1) for m in (1, 2, 5) if not integer or m * 10.0 ** k >= 1]
+    count = lambda s: math.ceil(hi / s - 1e-9) - math.floor(lo / s + 1e-9)
+    step = min(steps, key=lambda s: (abs(count(s) - (n - 1)), -s))
+    return math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step, step
+
+
+def tick_label(v, step):
+    """Short tick text: 20k for 20,000 images, 0.25 for a metric; no float noise (0.30000000000000004)."""
+    if abs(v) >= 1000 and step >= 1000:
+        return f"{v / 1000:g}k" if abs(v) < 1e6 else f"{v / 1e6:g}M"
+    digits = max(0, -math.floor(math.log10(step))) if step < 1 else 0
+    return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.2g}"
+
+
 def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 320)):
-    """series: {name: (xs, ys)}. Lines (or points) on shared axes, with ticks and a legend."""
-    W, H, m = size[0], size[1], 48
+    """series: {name: (xs, ys)}. Lines (or points) on shared axes with round ticks, and a legend.
+
+    The left margin grows with the longest y tick label, so no tick text is cut off; non-finite values
+    are skipped."""
+    W, H = size
     xs = [x for s in series.values() for x in s[0]] or [0, 1]
     ys = [y for s in series.values() for y in s[1] if math.isfinite(y)] or [0, 1]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    sx = lambda x: m + (x - x0) / (x1 - x0) * (W - 1.5 * m)
-    sy = lambda y: H - m + (y - y0) / (y1 - y0) * (1.5 * m - H)
+    integer = all(float(x).is_integer() for x in xs)  # steps and images: whole-number ticks
+    (x0, x1, dx), (y0, y1, dy) = ticks(min(xs), max(xs), integer=integer), ticks(min(ys), max(ys))
+    xt = [x0 + i * dx for i in range(round((x1 - x0) / dx) + 1)]
+    yt = [y0 + i * dy for i in range(round((y1 - y0) / dy) + 1)]
+    ylabels = [tick_label(v, dy) for v in yt]
+    left, right, top, bottom = 30 + 6.5 * max(map(len, ylabels)), 20, 28, 40  # 6.5 px per character at 11 px
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (W - left - right)
+    sy = lambda y: H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom)
     esc = xml.sax.saxutils.escape
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">{esc(title)}</text>',
-           f'<text x="{W / 2}" y="{H - 8}" text-anchor="middle">{esc(xlabel)}</text>',
-           f'<text x="12" y="{H / 2}" text-anchor="middle" transform="rotate(-90 12 {H / 2})">{esc(ylabel)}</text>',
-           f'<path d="M{m} {m / 2}V{H - m}H{W - m / 2}" stroke="black" fill="none"/>']
-    for i in range(5):
-        xv, yv = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
-        xt = f"{round(xv)}" if all(float(x).is_integer() for x in xs) else f"{xv:.4g}"  # steps, images: integers
-        out.append(f'<text x="{sx(xv):.1f}" y="{H - m + 14}" text-anchor="middle">{xt}</text>')
-        out.append(f'<text x="{m - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+           f'<text x="{(left + W - right) / 2}" y="{H - 6}" text-anchor="middle">{esc(xlabel)}</text>',
+           f'<text x="12" y="{H / 2}" text-anchor="middle" transform="rotate(-90 12 {H / 2})">{esc(ylabel)}</text>']
+    for v in xt:
+        out.append(f'<path d="M{sx(v):.1f} {H - bottom}v4" stroke="black"/>')
+        out.append(f'<text x="{sx(v):.1f}" y="{H - bottom + 15}" text-anchor="middle">{tick_label(v, dx)}</text>')
+    for v, label in zip(yt, ylabels):
+        out.append(f'<path d="M{left - 4} {sy(v):.1f}h4" stroke="black"/>')
+        out.append(f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{label}</text>')
+    out.append(f'<path d="M{left} {top}V{H - bottom}H{W - right}" stroke="black" fill="none"/>')
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
     for i, (name, (sxs, sys_)) in enumerate(series.items()):
         c = colors[i % len(colors)]
@@ -73,14 +101,30 @@ def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 32
         elif pts:
             xy = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
             out.append(f'<polyline points="{xy}" stroke="{c}" fill="none"/>')
-        out.append(f'<text x="{W - m / 2 - 4}" y="{m / 2 + 14 * (i + 1)}" text-anchor="end" fill="{c}">'
-                   f'{esc(name)}</text>')
+        out.append(f'<text x="{W - right - 4}" y="{top + 14 * (i + 1)}" text-anchor="end" fill="{c}">{esc(name)}</text>')
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]))
 
 
+# A 3 x 5 pixel font for the column labels of timecourse_png: each glyph is 5 rows of 3 bits.
+FONT = {"0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+        "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001010010010",
+        "8": "111101111101111", "9": "111101111001111", "=": "000111000111000", " ": "000000000000000",
+        "A": "010101111101101", "E": "111100110100111", "G": "011100101101011", "I": "111010010010111",
+        "N": "101111111101101", "P": "110101110100100", "R": "110101110101101", "T": "111010010010010",
+        "U": "101101101101111"}
+
+
+def text_bitmap(text, scale=1):
+    """(5 scale, 4 len(text) scale) bool tensor of text in FONT (upper case, digits, '=' and space)."""
+    glyphs = [torch.tensor([int(b) for b in FONT[ch]], dtype=torch.bool).view(5, 3) for ch in text.upper()]
+    bitmap = torch.cat([F.pad(g, (0, 1)) for g in glyphs], 1) if glyphs else torch.zeros(5, 0, dtype=torch.bool)
+    return bitmap.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+
+
 def timecourse_png(path, images, targets, probs, steps):
-    """Rows: images; columns: input, target, then P(foreground) after each listed step. Writes a PNG.
+    """Rows: images; columns: input, target, then P(foreground) after each listed step, under a header row
+    that names each column (INPUT, TARGET, T=1, ...). Writes a PNG.
 
     images (n, c, H, W) in [0, 1]; targets (n, H, W); probs (n, len(steps), H, W)."""
     gray = lambda t: t.clamp(0, 1)[:, None].expand(-1, 3, -1, -1)  # (n, 3, H, W)
@@ -90,6 +134,11 @@ def timecourse_png(path, images, targets, probs, steps):
     grid = F.pad(grid, (1, 1, 1, 1), value=0.5)
     n, cols, _, h, w = grid.shape
     grid = grid.permute(0, 3, 1, 4, 2).reshape(n * h, cols * w, 3)  # (rows*H, cols*W, 3)
-    write_png(path, (grid * 255).round().to(torch.uint8).cpu())
-
-
+    labels = ["input", "target"] + [f"t={t}" for t in steps]
+    scale = max(1, min(3, w // 30))  # 3 x 5 glyphs, larger on larger tiles
+    header = torch.ones(7 * scale, cols * w, 3)  # white, 1 px of margin above and below the text
+    for c, label in enumerate(labels):
+        bits = text_bitmap(label, scale)[:, :w - 1]  # (5 scale, <= w - 1): cut rather than overflow
+        x = c * w + (w - bits.shape[1]) // 2
+        header[scale:6 * scale, x:x + bits.shape[1]][bits] = 0.0
+    write_png(path, (torch.cat([header, grid]) * 255).round().to(torch.uint8).cpu())

@@ -102,9 +102,16 @@ def test_timecourse_png_is_valid(tmp_path):
     chunks = png_chunks(path)
     assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND"
     w, h = struct.unpack(">II", chunks[0][1][:8])
-    assert (w, h) == (4 * (W + 2), n * (H + 2))
-    pixels = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
+    assert (w, h) == (4 * (W + 2), 7 + n * (H + 2))  # a 7-px header row names the columns
+    pixels = torch.tensor(list(zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))))
     assert len(pixels) == h * (1 + 3 * w)
+    header = pixels.view(h, 1 + 3 * w)[:7, 1:].view(7, 4, W + 2, 3)
+    assert all((header[:, c] == 0).any() for c in range(4)), "every column has a label"
+
+
+def test_text_bitmap_draws_the_labels():
+    assert figures.text_bitmap("T=1").shape == (5, 12) and figures.text_bitmap("input", 2).shape == (10, 40)
+    assert figures.text_bitmap("1")[:, 1].all()  # the stem of the 1
 
 
 def test_svg_plot_parses_and_has_the_series(tmp_path):
@@ -114,6 +121,22 @@ def test_svg_plot_parses_and_has_the_series(tmp_path):
     root = ET.parse(path).getroot()
     assert root.tag.endswith("svg")
     assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 2
+
+
+@pytest.mark.parametrize("ys", [[0.07, 0.72], [1e-4, 2.73e-4], [12345.0, 250000.0], [0.3, 0.3]])
+def test_svg_tick_labels_are_round_and_inside_the_figure(tmp_path, ys):
+    path = tmp_path / "p.svg"
+    figures.svg_plot(str(path), {"a": ([0, 50_000, 100_000], [ys[0], ys[-1], ys[0]])}, "images", "y")
+    texts = ET.parse(path).getroot().findall("{http://www.w3.org/2000/svg}text")
+    for t in texts:
+        if t.get("transform") or not t.text:  # the rotated y label; an empty title
+            continue
+        x, width = float(t.get("x")), 6.5 * len(t.text)
+        left = {"end": x - width, "middle": x - width / 2}.get(t.get("text-anchor"), x)
+        assert left >= 0 and left + width <= 480, t.text
+        assert len(t.text) <= 7 or not t.text[0].isdigit(), t.text  # round ticks: no float noise
+    labels = [t.text for t in texts]
+    assert "100k" in labels and "40k" in labels  # x ticks at round numbers of images
 
 
 # ---- the command line, end to end on the CPU --------------------------------------------------------
