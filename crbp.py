@@ -117,9 +117,10 @@ class Stats:
     neumann_terms: Optional[int] = None  # terms (J^T)^k g, k >= 1, in the gradient
     neumann_stop: Optional[str] = None  # one of STOPS; "diverging" / "nonfinite": F not contractive at h_{T-1}
     neumann_norms: list = dataclasses.field(default_factory=list, repr=False)  # ||(J^T)^k g||, k = 0, 1, ...
+    neumann_sum: Optional[float] = None  # ||sum of the kept terms||: the paper code's grad_cap compared it with 1
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("steps", "residual", "neumann_terms", "neumann_stop")}
+        return {k: getattr(self, k) for k in ("steps", "residual", "neumann_terms", "neumann_stop", "neumann_sum")}
 
 
 def neumann(JT: Callable, g, K: int = 15, tol: float = 1e-6, faithful: bool = False,
@@ -177,6 +178,7 @@ class _ImplicitGradient(torch.autograd.Function):
         JT = lambda v: [u.to(_acc(u)) for u in ctx.JT([vi.to(d) for vi, d in zip(v, dtypes)])]
         G, terms, stop, norms = neumann(JT, [z.to(_acc(z)) for z in g], **ctx.options)
         ctx.stats.neumann_terms, ctx.stats.neumann_stop, ctx.stats.neumann_norms = terms, stop, norms
+        ctx.stats.neumann_sum = _norm(G).item()
         if stop in ("diverging", "nonfinite"):  # shown once per call site of crbp.run, not once per step
             what = "diverged" if stop == "diverging" else "met a non-finite term"
             warnings.warn_explicit(f"the Neumann series {what}: F is not contractive at h_(T-1), so the gradient "

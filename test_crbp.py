@@ -168,6 +168,7 @@ def test_neumann_partial_sum_equals_explicit_series():
         want, term = want + term, J.T @ term
     assert rel(G.reshape(-1), want) < 1e-12
     assert (stats.neumann_terms, stats.neumann_stop) == (K, "max_terms")
+    assert abs(stats.neumann_sum - want.norm().item()) < 1e-12 * want.norm().item()
     assert len(stats.neumann_norms) == K + 1 and abs(stats.neumann_norms[0] - g.norm().item()) < 1e-12
 
 
