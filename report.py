@@ -357,3 +357,23 @@ def full(model, cfg, device):
           + (", state_space.svg, state_space.json" if model.recurrent else "")
           + (", timecourse.png" if model.recurrent and cfg.task != "pathfinder-cls" else ""))
     return final
+
+
+def other_test_set(model, cfg, device, steps, **knob):
+    """A saved model on another test set (knob: length=N or grid=N) up to `steps`: printed, and written to
+    cfg.out/eval_<knob><N>_T<steps>.json. Returns the metrics after each step."""
+    task = TASKS[cfg.task]
+    (name, n), metric = next(iter(knob.items())), task.curve
+    curve = evaluate(model, cfg, device, steps, cfg.eval_images, per_step=True, **knob)
+    best = max(range(len(curve)), key=lambda t: curve[t][metric])
+    print(f"{cfg.out} ({cfg.model} {cfg.algo}, trained at T={cfg.steps}) on {name} {n}, {cfg.eval_images} "
+          f"held-out images:\n  at t={len(curve)}: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in curve[-1].items() if not k.startswith("pooled_"))
+          + f" (chance {task.metric}: {task.chance})\n  per-step {metric}: "
+          + "  ".join(f"t={t}: {curve[t - 1][metric]:.3f}" for t in sorted({1, min(cfg.steps, len(curve)), len(curve)}))
+          + f"  (best {curve[best][metric]:.3f} at t={best + 1})")
+    path = os.path.join(cfg.out, f"eval_{name}{n}_T{steps}.json")
+    with open(path, "w") as f:
+        json.dump({name: n, "steps": steps, "eval_images": cfg.eval_images, "per_step": curve}, f, indent=1)
+    print(f"  every metric after every step: {path}")
+    return curve

@@ -173,6 +173,14 @@ def tiny(out, *extra):
             "--eval-steps", "3", "--device", "cpu", "--out", str(out), *extra]
 
 
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """One uninterrupted tiny run, which the resumed ones must equal."""
+    run = tmp_path_factory.mktemp("whole") / "run"
+    train.main(tiny(run))
+    return run
+
+
 def weights(run):
     return torch.load(run / "checkpoint.pt", weights_only=True)
 
@@ -183,28 +191,26 @@ def assert_same_weights(a, b):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_resume_in_pieces_equals_one_uninterrupted_run(tmp_path):
-    train.main(tiny(tmp_path / "whole"))
+def test_resume_in_pieces_equals_one_uninterrupted_run(tmp_path, whole):
     train.main(tiny(tmp_path / "pieces", "--until", "12"))
     mid = weights(tmp_path / "pieces")
     assert mid["iteration"] == 3
     train.main(["--resume", str(tmp_path / "pieces")])
-    a, b = weights(tmp_path / "whole"), weights(tmp_path / "pieces")
+    a, b = weights(whole), weights(tmp_path / "pieces")
     assert a["iteration"] == 6
     assert_same_weights(a, b)
     assert any(not torch.equal(a["model"][k], mid["model"][k]) for k in a["model"])
     rows = lambda run: [(r["images"], sorted(r)) for r in report.read_metrics(run)]
-    assert rows(tmp_path / "whole") == rows(tmp_path / "pieces")
+    assert rows(whole) == rows(tmp_path / "pieces")
 
 
-def test_resume_trims_rows_logged_after_the_checkpoint(tmp_path):
-    train.main(tiny(tmp_path / "whole"))
+def test_resume_trims_rows_logged_after_the_checkpoint(tmp_path, whole):
     train.main(tiny(tmp_path / "r", "--until", "8"))
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # as if the process died after logging these
         f.write(json.dumps({"images": 12, "eval": {"acc": 0.5}}) + "\n" + json.dumps({"images": 16, "loss": 1.0}) + "\n")
     train.main(["--resume", str(tmp_path / "r")])
     images = lambda run: [r["images"] for r in report.read_metrics(run)]
-    assert images(tmp_path / "r") == images(tmp_path / "whole")
+    assert images(tmp_path / "r") == images(whole)
 
 
 BAD = [
@@ -273,15 +279,18 @@ def test_resume_refuses_a_changed_config_another_out_and_a_corrupt_file(tmp_path
     assert "config.json is not valid JSON" in capsys.readouterr().err
 
 
-def test_a_finished_run_is_not_overwritten_and_says_how_to_start_afresh(tmp_path, capsys):
+def test_a_finished_run_is_not_overwritten_and_says_how_to_start_afresh(tmp_path, capsys, monkeypatch):
     train.main(tiny(tmp_path / "r"))
     capsys.readouterr()
     with pytest.raises(SystemExit):
         train.main(tiny(tmp_path / "r"))
     err = capsys.readouterr().err
     assert "finished run" in err and "--report" in err and "rm -r" in err
-    with pytest.raises(SystemExit):  # a preset's run directory: `make clean`
-        train.parse_args(["--preset", "pathfinder-cpu", "--out", str(tmp_path / "r")])
+    monkeypatch.chdir(tmp_path)  # a preset's run directory: `make clean`
+    (tmp_path / "runs" / "pathfinder-cpu").mkdir(parents=True)
+    (tmp_path / "runs" / "pathfinder-cpu" / "model.pt").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--preset", "pathfinder-cpu"])
     assert "make clean" in capsys.readouterr().err
 
 
@@ -299,10 +308,9 @@ def test_dry_run_honours_typed_options_and_writes_to_a_temporary_directory(tmp_p
     assert weights(runs[0])["iteration"] == 3
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, monkeypatch, capsys, whole):
     import os
     import signal
-    train.main(tiny(tmp_path / "whole"))
     task, calls = report.TASKS["mazes"], []
 
     def loss(*a):  # Ctrl-C during the third step
@@ -317,7 +325,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, monkey
     assert weights(tmp_path / "r")["iteration"] == 3
     monkeypatch.setitem(report.TASKS, "mazes", task)
     train.main(["--resume", str(tmp_path / "r")])
-    assert_same_weights(weights(tmp_path / "whole"), weights(tmp_path / "r"))
+    assert_same_weights(weights(whole), weights(tmp_path / "r"))
 
 
 def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):

@@ -182,6 +182,22 @@ def parse_args(argv=None):
     return args
 
 
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+RULES = {  # option: (test, what to pass); None passes (the option is off or takes the model's default)
+    **{k: AT_LEAST_1 for k in ("steps", "batch_size", "images", "eval_images", "eval_batch_size", "eval_every",
+                               "eval_steps", "until", "channels")},
+    "lr": (lambda v: v > 0, "> 0 (the paper used 1e-3)"),
+    "neumann_steps": (lambda v: v >= 0, ">= 0 (the paper used 15)"),
+    "penalty_weight": (lambda v: v >= 0, ">= 0 (the paper used 10; 0 turns the LCP off)"),
+    "mu": (lambda v: 0 <= v < 1, "in [0, 1) (the paper used 0.9)"),
+    "warmup": (lambda v: 0 <= v < 1, "a fraction of the run, in [0, 1)"),
+    "until_minutes": (lambda v: v > 0, "> 0"),
+    "kernel": (lambda v: v >= 1 and v % 2 == 1, "odd and >= 1 (for 'same' padding)"),
+    "seed": (lambda v: 0 <= v < 2 ** 40, "in [0, 2**40)"),
+    "size": (lambda v: v >= 75, ">= 75: contours are drawn on 300 px and shrunk at most 4x"),
+}
+
+
 def check_args(parser, args):
     """Fill the model's defaults and reject what cannot run, with a message saying what to pass."""
     task = report.TASKS[args.task]
@@ -198,22 +214,9 @@ def check_args(parser, args):
     args.algo, args.steps = args.algo or algo or "bptt", args.steps or steps or 1
     if args.eval_steps is None:
         args.eval_steps = task.eval_steps(args.steps)
-    for k, low in dict(steps=1, batch_size=1, images=1, eval_images=1, eval_batch_size=1, eval_every=1,
-                       eval_steps=1, neumann_steps=0, seed=0, until=1, channels=1).items():
-        if getattr(args, k) is not None and getattr(args, k) < low:
-            parser.error(f"--{k.replace('_', '-')} must be >= {low}, got {getattr(args, k)}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr} (the paper used 1e-3)")
-    if not args.penalty_weight >= 0:
-        parser.error(f"--penalty-weight must be >= 0, got {args.penalty_weight} (the paper used 10; 0 turns the LCP off)")
-    if not 0 <= args.mu < 1:
-        parser.error(f"--mu must be in [0, 1), got {args.mu} (the paper used 0.9)")
-    if not 0 <= args.warmup < 1:
-        parser.error(f"--warmup is a fraction of the run, in [0, 1); got {args.warmup}")
-    if args.until_minutes is not None and not args.until_minutes > 0:
-        parser.error(f"--until-minutes must be > 0, got {args.until_minutes}")
-    if args.kernel is not None and not (args.kernel >= 1 and args.kernel % 2 == 1):
-        parser.error(f"--kernel must be odd and >= 1 (for 'same' padding), got {args.kernel}")
+    for k, (ok, what) in RULES.items():
+        if getattr(args, k) is not None and not ok(getattr(args, k)):
+            parser.error(f"--{k.replace('_', '-')} must be {what}, got {getattr(args, k)}")
     if "tbptt" in args.algo and not (args.truncate and 1 <= args.truncate <= args.steps):
         parser.error(f"--algo {args.algo} needs --truncate in 1..--steps ({args.steps})")
     if "rbp" in args.algo and args.steps < 2:
@@ -224,8 +227,6 @@ def check_args(parser, args):
         if task.knob == "grid" and not (n >= 3 and n % 2 == 1 and args.canvas >= 2 * n + 6):
             parser.error(f"--grid / --eval-lengths must be odd, >= 3 and fit --canvas {args.canvas} "
                          f"(a grid-n maze is 2n+6 px), got {n}")
-    if task.knob == "length" and args.size < 75:
-        parser.error(f"--size must be >= 75: contours are drawn on 300 px and shrunk at most 4x; got {args.size}")
     check_device(parser, args.device)
     if not (args.report or args.eval):
         check_run_dir(parser, args)
@@ -236,19 +237,17 @@ def check_args(parser, args):
 
 
 def check_device(parser, name):
-    if name == "auto":
-        return
     try:
-        dev = torch.device(name)
+        dev = torch.device("cpu" if name == "auto" else name)
     except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
         parser.error(f"--device {name!r}: pass auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
                      "pass --device cpu, or auto")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         parser.error(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
-    if dev.type not in ("cpu", "cuda"):
-        parser.error(f"--device {name!r}: pass auto, cpu, cuda or cuda:N")
 
 
 def check_run_dir(parser, args):
@@ -258,8 +257,8 @@ def check_run_dir(parser, args):
         return  # a dry run without --out: a fresh temporary directory
     done = os.path.isfile(os.path.join(args.out, "model.pt"))
     started = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
-    fresh = (f"to train afresh, delete it ({'make clean' if args.preset else f'rm -r {args.out}'}) "
-             "or pick another --out")
+    preset_dir = os.path.normpath(args.out) in {os.path.normpath(p["out"]) for p in PRESETS.values()}
+    fresh = f"to train afresh, delete it ({'make clean' if preset_dir else f'rm -r {args.out}'}) or pick another --out"
     if args.resume and not started:
         parser.error(f"--resume {args.out}: no checkpoint.pt there; point it at a run directory that train.py wrote")
     if done:
@@ -394,8 +393,6 @@ def main(argv=None):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.report or args.eval:
         return evaluate_saved(args, device)
-    if args.out is None:  # a dry run without --out
-        args.out = tempfile.mkdtemp(prefix="crbp-dry-run-")
     return train(args, device)
 
 
@@ -407,6 +404,8 @@ def train(args, device):
         model = models.build(args.model, task=task.name, **model_options(args)).to(device)
     except ValueError as e:
         get_parser().error(f"--model {args.model}: {e}")
+    if args.out is None:  # a dry run without --out
+        args.out = tempfile.mkdtemp(prefix="crbp-dry-run-")
     if args.compile and model.recurrent:
         model.compile_cell()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -522,22 +521,8 @@ def evaluate_saved(args, device):
         raise SystemExit(f"--{'report' if args.report else 'eval'}: {e}") from None
     if args.report:
         return report.full(model, args, device)
-    task = report.TASKS[args.task]
-    n, T, metric = getattr(args, task.knob), args.eval_to, task.curve
-    curve = report.evaluate(model, args, device, T, args.eval_images, per_step=True, **{task.knob: n})
-    best = max(range(len(curve)), key=lambda t: curve[t][metric])
-    print(f"{args.out} ({args.model} {args.algo}, trained at T={args.steps}) on {task.knob} {n}, "
-          f"{args.eval_images} held-out images:")
-    print(f"  at t={len(curve)}: " + ", ".join(f"{k} {v:.4f}" for k, v in curve[-1].items() if not k.startswith("pooled_"))
-          + f" (chance {task.metric}: {task.chance})")
-    print(f"  per-step {metric}: " + "  ".join(f"t={t}: {curve[t - 1][metric]:.3f}" for t in
-                                             sorted({1, min(args.steps, len(curve)), len(curve)}))
-          + f"  (best {curve[best][metric]:.3f} at t={best + 1})")
-    path = os.path.join(args.out, f"eval_{task.knob}{n}_T{T}.json")
-    with open(path, "w") as f:
-        json.dump({task.knob: n, "steps": T, "eval_images": args.eval_images, "per_step": curve}, f, indent=1)
-    print(f"  all metrics per step in {path}")
-    return curve
+    knob = report.TASKS[args.task].knob
+    return report.other_test_set(model, args, device, args.eval_to, **{knob: getattr(args, knob)})
 
 
 if __name__ == "__main__":
