@@ -419,3 +419,19 @@ def test_ks_compare_of_two_runs(tmp_path, capsys):
         json.dump({"N": 6, "T": 40, "distance": d}, open(tmp_path / name / "state_space.json", "w"))
     D, p = train.main(["--ks", str(tmp_path / "a"), str(tmp_path / "b")])
     assert D == 1.0 and p < 1e-3 and "KS D = 1.000" in capsys.readouterr().out
+
+
+def test_imports_go_one_way():
+    """Each module imports only modules below it: figures, crbp, data, fastpath, models, report, then the
+    programs (train, bench, panoptic). No circles, and report.py never needs train.py."""
+    import ast
+    import pathlib
+    order = ["figures", "crbp", "data", "fastpath", "models", "report", "train", "bench", "panoptic"]
+    for path in pathlib.Path(__file__).parent.glob("*.py"):
+        if path.stem not in order:
+            continue
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        upward = [m for m in names & set(order) if order.index(m) >= order.index(path.stem)]
+        assert not upward, f"{path.name} imports {upward}"
