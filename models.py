@@ -19,6 +19,7 @@ Every recurrent model is  front end -> cell run by crbp.run -> readout:
     logits, penalty, stats, _ = model(images, steps=20, algo="c-rbp")
     loss = focal_loss(logits, masks) + 10 * penalty                   # LCP weight 10 as in the paper
     per_t = model.eval()(images, steps=40, per_step=True).per_step   # readout after every step, no graph
+    model = models.load("runs/pathfinder-14")                         # a model that train.py trained
 
 Tasks: "pathfinder-seg" (images B x 1 x H x W -> per-pixel logits B x 2 x H x W, the C-RBP paper),
 "pathfinder-cls" (B x 1 x H x W -> B x 2, the LocRNN paper's Pathfinder), "mazes" (B x 3 x H x W -> per-pixel

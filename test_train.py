@@ -2,6 +2,7 @@
 command line end to end on the CPU (each bug a user met has a test here)."""
 import json
 import math
+import shutil
 import struct
 import xml.etree.ElementTree as ET
 import zlib
@@ -267,6 +268,9 @@ def test_resume_refuses_a_changed_config_another_out_and_a_corrupt_file(tmp_path
             train.main(["--resume", str(tmp_path / "r"), *argv])
         assert message in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    shutil.copytree(tmp_path / "r", tmp_path / "copy")  # a copied run resumes in its new place
+    train.main(["--resume", str(tmp_path / "copy"), "--until", "12"])
+    assert weights(tmp_path / "copy")["iteration"] == 3 and weights(tmp_path / "r")["iteration"] == 2
     with pytest.raises(SystemExit):
         train.main(tiny(tmp_path / "r"))
     assert "unfinished run: continue it with --resume" in capsys.readouterr().err

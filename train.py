@@ -150,6 +150,7 @@ def parse_args(argv=None):
         except ValueError as e:
             parser.error(f"--{modes[0]} {run_dir}: {e}")
         saved = {k: v for k, v in saved.items() if k in vars(args) and k not in NOT_SAVED}
+        saved["out"] = run_dir  # where the run is now (it may have been copied or moved)
         parser.set_defaults(**saved)
         if args.eval:  # --steps is the evaluation's T there; None: the run's --eval-steps
             parser.set_defaults(steps=None)
@@ -161,7 +162,7 @@ def parse_args(argv=None):
             args.eval_to, args.steps = args.steps or saved["eval_steps"], saved["steps"]
         may_change = RESUMABLE | ({"length", "grid", "steps"} if args.eval else set())
         changed = {k: (v, getattr(args, k)) for k, v in saved.items()
-                   if k not in may_change and getattr(args, k) != v and k != "out"}
+                   if k not in may_change and getattr(args, k) != v}
         if changed:
             parser.error(f"--{modes[0]} keeps the run's configuration; these differ from its config.json: "
                          + ", ".join(f"--{k.replace('_', '-')} {new} (run has {old})" for k, (old, new) in changed.items())
@@ -426,6 +427,7 @@ def train(args, device):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, f, indent=1)
+        open(os.path.join(args.out, "metrics.jsonl"), "w").close()  # no rows of an attempt stopped before its checkpoint
 
     n_params = sum(p.numel() for p in model.parameters())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -510,7 +512,11 @@ def train(args, device):
               f"{iters * args.batch_size:,} images, checkpoint saved; continue with: python train.py --resume {args.out}")
         return None
     write_atomic(os.path.join(args.out, "model.pt"), lambda p: models.save(model, p))
-    return report.full(model, args, device)
+    try:
+        return report.full(model, args, device)
+    except KeyboardInterrupt:
+        raise SystemExit(f"\ninterrupted in the final evaluation; the trained model is saved: draw its tables and "
+                         f"figures with: python train.py --report {args.out}") from None
 
 
 def evaluate_saved(args, device):
