@@ -512,21 +512,22 @@ _chunk = {}  # the chunk rendered last: consecutive batches are cut from it
 
 
 def task_batch(task, index, batch, *, split="train", seed=0, device=None, length=14, size=150, grid=11,
-               canvas=32):
+               canvas=32, chunk=None):
     """Batch number `index` (0, 1, ...) of a task's stream: images, targets (long) and, for mazes, the free
-    pixels (B x H x W bool; None otherwise). On a GPU, batches are cut from chunks of RENDER_CHUNK images,
-    each rendered from its own seed (seed * 1_000_003 + chunk), so any batch can be made again: that is how
-    a resumed run replays its data exactly. On the CPU every batch is its own chunk.
+    pixels (B x H x W bool; None otherwise). Batches are cut from chunks of `chunk` images (default
+    RENDER_CHUNK on a GPU, one batch on the CPU), each rendered from its own seed (seed * 1_000_003 + chunk
+    number), so any batch can be made again: that is how a resumed run replays its data exactly.
     length and size are Pathfinder's, grid and canvas the mazes'."""
     _check(task in TASKS, f"task must be one of {TASKS}, got {task!r}")
     _check(_is_int(index, 0) and _is_int(batch, 1), f"index must be an int >= 0 and batch one >= 1, got "
                                                     f"{index!r}, {batch!r}")
     device = torch.device("cpu" if device is None else device)
-    per = max(1, RENDER_CHUNK // batch) if device.type == "cuda" else 1  # batches per chunk
-    chunk, i = divmod(index, per)
-    key = (task, seed, size, canvas, length, grid, split, chunk, per * batch, str(device))
+    chunk = chunk or (RENDER_CHUNK if device.type == "cuda" else batch)
+    per = max(1, chunk // batch)  # batches per chunk
+    n, i = divmod(index, per)
+    key = (task, seed, size, canvas, length, grid, split, n, per * batch, str(device))
     if _chunk.get("key") != key:
-        kw = dict(device=device, seed=seed * 1_000_003 + chunk, split=split)
+        kw = dict(device=device, seed=seed * 1_000_003 + n, split=split)
         if task == "mazes":
             images, targets = mazes(per * batch, grid=grid, canvas=canvas, **kw)
         else:

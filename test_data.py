@@ -301,3 +301,16 @@ def test_cuda():  # the first CUDA call compiles the growth steps (torch.compile
     assert lab.is_cuda and lab.shape == (16,)
     img, mask = data.mazes(16, 11, device="cuda")
     assert img.is_cuda and img.shape == (16, 3, 28, 28) and mask.sum() > 0
+
+
+def test_task_batch_cuts_batches_from_seeded_chunks_and_replays_any_of_them():
+    kw = dict(split="test", seed=3, grid=9, canvas=24, chunk=8)  # 4 batches of 2 per chunk
+    stream = [data.task_batch("mazes", i, 2, **kw) for i in range(6)]
+    whole, masks = data.mazes(8, grid=9, canvas=24, seed=3 * 1_000_003 + 1, split="test")  # the second chunk
+    assert torch.equal(stream[5][0], whole[2:4]) and torch.equal(stream[5][1], masks[2:4].long())
+    again = data.task_batch("mazes", 1, 2, **kw)  # back to the first chunk: the same images again
+    assert torch.equal(again[0], stream[1][0]) and torch.equal(again[2], stream[1][0].amax(1) > 0)
+    img, lab, free = data.task_batch("pathfinder-cls", 0, 2, length=6, size=75)
+    assert img.shape == (2, 1, 75, 75) and lab.dtype == torch.long and free is None
+    with pytest.raises(ValueError, match="task must be one of"):
+        data.task_batch("pathfinder", 0, 2)
