@@ -101,7 +101,8 @@ def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 32
         elif pts:
             xy = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
             out.append(f'<polyline points="{xy}" stroke="{c}" fill="none"/>')
-        out.append(f'<text x="{W - right - 4}" y="{top + 14 * (i + 1)}" text-anchor="end" fill="{c}">{esc(name)}</text>')
+        y = top + 14 * (i + 1)  # the legend, top right
+        out.append(f'<text x="{W - right - 4}" y="{y}" text-anchor="end" fill="{c}">{esc(name)}</text>')
     with open(path, "w") as f:
         f.write("\n".join(out + ["</svg>"]))
 

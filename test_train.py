@@ -208,7 +208,8 @@ def test_resume_in_pieces_equals_one_uninterrupted_run(tmp_path, whole):
 def test_resume_trims_rows_logged_after_the_checkpoint(tmp_path, whole):
     train.main(tiny(tmp_path / "r", "--until", "8"))
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:  # as if the process died after logging these
-        f.write(json.dumps({"images": 12, "eval": {"acc": 0.5}}) + "\n" + json.dumps({"images": 16, "loss": 1.0}) + "\n")
+        f.write(json.dumps({"images": 12, "eval": {"acc": 0.5}}) + "\n")
+        f.write(json.dumps({"images": 16, "loss": 1.0}) + "\n")
     train.main(["--resume", str(tmp_path / "r")])
     images = lambda run: [r["images"] for r in report.read_metrics(run)]
     assert images(tmp_path / "r") == images(whole)

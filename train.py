@@ -165,13 +165,15 @@ def parse_args(argv=None):
                    if k not in may_change and getattr(args, k) != v}
         if changed:
             parser.error(f"--{modes[0]} keeps the run's configuration; these differ from its config.json: "
-                         + ", ".join(f"--{k.replace('_', '-')} {new} (run has {old})" for k, (old, new) in changed.items())
+                         + ", ".join(f"--{k.replace('_', '-')} {new} (run has {old})"
+                                     for k, (old, new) in changed.items())
                          + ". Start a new run with --out instead.")
         args.out = run_dir
     elif args.preset or args.dry_run:
         if args.preset:
             name = args.preset
-            if name == "pathfinder" and (args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())):
+            no_gpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+            if name == "pathfinder" and no_gpu:
                 print("no CUDA GPU here: running the small CPU configuration of --preset pathfinder-cpu instead "
                       "(the paper's config needs a GPU)")
                 name = "pathfinder-cpu"
@@ -427,7 +429,7 @@ def train(args, device):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, f, indent=1)
-        open(os.path.join(args.out, "metrics.jsonl"), "w").close()  # no rows of an attempt stopped before its checkpoint
+        open(os.path.join(args.out, "metrics.jsonl"), "w").close()  # no rows of an attempt without a checkpoint
 
     n_params = sum(p.numel() for p in model.parameters())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -509,7 +511,8 @@ def train(args, device):
         torch.cuda.reset_peak_memory_stats(device)
     if it < iters:
         print(f"{'interrupted' if ctrl_c.asked else 'stopped'} at {it * args.batch_size:,} of "
-              f"{iters * args.batch_size:,} images, checkpoint saved; continue with: python train.py --resume {args.out}")
+              f"{iters * args.batch_size:,} images, checkpoint saved; continue with: "
+              f"python train.py --resume {args.out}")
         return None
     write_atomic(os.path.join(args.out, "model.pt"), lambda p: models.save(model, p))
     try:
