@@ -288,8 +288,10 @@ def neumann_summary(rows):
     parts = []
     if stops:
         counts = {s: stops.count(s) for s in dict.fromkeys(sorted(stops))}
+        bad = counts.get("diverging", 0) + counts.get("nonfinite", 0)
         parts.append("Neumann series stopped by " + ", ".join(f"{s} {n}x" for s, n in counts.items())
-                     + " ('diverging'/'nonfinite': F was not contractive there)")
+                     + (" (diverging or nonfinite: F was not contractive at those steps; raise --penalty-weight "
+                        "or lower --mu)" if bad else ""))
     if res:
         parts.append(f"forward residual ||h_T - h_T-1|| / ||h_T|| median {res[len(res) // 2]:.2g}, max {res[-1]:.2g}")
     return f"over {len(rows)} logged training steps: " + "; ".join(parts)

@@ -416,6 +416,8 @@ def test_neumann_summary_counts_stop_reasons_and_residuals():
     assert "3 logged training steps" in line and "max_terms 1x, tolerance 2x" in line
     assert "median 0.2, max 0.3" in line
     assert report.neumann_summary([{"images": 1, "loss": 1.0}]) is None
+    assert "not contractive" not in line
+    assert "not contractive" in report.neumann_summary([{"images": 1, "loss": 1.0, "neumann_stop": "diverging"}])
 
 
 def test_ks_compare_of_two_runs(tmp_path, capsys):
