@@ -39,7 +39,7 @@ from train import RENDER_CHUNK, focal_loss  # the loss and the renderer's chunk 
 PAPER_H200 = {("c-rbp", 20, 32): (135.7, 3.76), ("c-rbp", 20, 128): (161.7, 14.74), ("c-rbp", 40, 32): (95.2, 3.69),
               ("c-rbp", 80, 32): (59.6, 3.69), ("c-bptt", 6, 32): (271.0, 9.32), ("bptt", 6, 32): (343.3, 7.58),
               ("bptt", 20, 32): (105.7, 23.54)}
-CONFIGS = ["c-rbp:20:32", "c-rbp:20:64", "c-rbp:20:128", "c-rbp:40:32", "c-rbp:80:32", "c-bptt:6:32", "bptt:6:32",
+CONFIGS = ["c-rbp:20:32", "c-bptt:6:32", "bptt:6:32", "c-rbp:80:32", "c-rbp:20:64", "c-rbp:20:128", "c-rbp:40:32",
            "bptt:20:32"]
 
 
@@ -243,19 +243,21 @@ def main():
             profile(args, device, path == "fast")
         return
     render_ms = cuda_ms(lambda: data.pathfinder(RENDER_CHUNK, 14, device=device, seed=1), 1, 3)
+    os.makedirs(args.out, exist_ok=True)
+    name = os.path.join(args.out, "bench_" + "".join(c if c.isalnum() else "_" for c in gpu.lower()) + ".json")
     records = []
     for algo, T, batch in configs:
         for path in args.paths:
             records.append(bench(algo, T, batch, path == "fast", args, device, render_ms))
             print(f"  {algo}:{T}:{batch} {path}: {records[-1]['img_s']:.1f} img/s, "
                   f"{records[-1]['peak_gib']:.2f} GiB", flush=True)
-    text = table(records)
-    os.makedirs(args.out, exist_ok=True)
-    name = os.path.join(args.out, "bench_" + "".join(c if c.isalnum() else "_" for c in gpu.lower()) + ".json")
-    with open(name, "w") as f:
-        json.dump(dict(gpu=gpu, torch=torch.__version__, render_ms=render_ms, repeats=args.repeats,
-                       paper_code_h200=[dict(algo=a, T=T, batch=b, img_s=v[0], peak_gib=v[1])
-                                        for (a, T, b), v in PAPER_H200.items()], records=records), f, indent=1)
+            text = table(records)  # written after every record, so that a cut-off run keeps what it measured
+            with open(name, "w") as f:
+                json.dump(dict(gpu=gpu, torch=torch.__version__, render_ms=render_ms, repeats=args.repeats,
+                               warmup=args.warmup, mix=os.environ.get("FASTPATH_MIX", "triton"),
+                               paper_code_h200=[dict(algo=a, T=T, batch=b, img_s=v[0], peak_gib=v[1])
+                                                for (a, T, b), v in PAPER_H200.items()], records=records), f,
+                          indent=1)
     print(f"\n{text}\n(written to {name})")
 
 
