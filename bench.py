@@ -162,27 +162,6 @@ def profile(args, device, fast, batch=32, T=20, K=15):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=60))
 
 
-def mix_probe(device, batch=32):
-    """fft_conv of a B x 25 x 150 x 150 state with a 15 x 15 kernel, both routes of fastpath.mix."""
-    x = torch.randn(batch, 25, 150, 150, device=device)
-    size = (fastpath.fft_size(150, 7),) * 2
-    w_hat = fastpath.kernel_spectrum(torch.randn(25, 25, 15, 15, device=device), size)
-    times = {}
-    for route in ("triton", "matmul"):
-        if route == "triton" and fastpath._mix_kernel is None:
-            continue
-        fastpath._MIX_BY_MATMUL = route == "matmul"
-        with torch.no_grad():
-            y = fastpath.fft_conv(x, w_hat, size)
-            X = torch.fft.rfft2(x, s=size)
-            times[route] = (cuda_ms(lambda: fastpath.fft_conv(x, w_hat, size), 5, 50),
-                            cuda_ms(lambda: fastpath.mix(X, w_hat), 5, 50))
-        print(f"  fft_conv, mix by {route}: {times[route][0]:.3f} ms (the mix alone {times[route][1]:.3f} ms), "
-              f"|y| {y.norm().item():.6e}")
-    fastpath._MIX_BY_MATMUL = False
-    print(min(times, key=lambda r: times[r][0]))
-
-
 def _no_grad(fn):
     with torch.no_grad():
         return fn()
@@ -218,9 +197,6 @@ def main():
     p.add_argument("--no-grad-err", dest="grad_err", action="store_false", help="skip the gradient check")
     p.add_argument("--profile", action="store_true", help="time each phase of a C-RBP step and list the top kernels")
     p.add_argument("--profile-rows", type=int, default=15)
-    p.add_argument("--mix-probe", action="store_true",
-                   help="time one 15 x 15 FFT conv at batch 32 with the frequency mix by Triton and by matmul; "
-                        "the last line printed is the faster route (a value for FASTPATH_MIX)")
     p.add_argument("--out", default="results", help="folder for bench_<gpu>.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -236,8 +212,6 @@ def main():
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}; median of {args.repeats} steps after {args.warmup} warm-up steps, "
           f"plus each batch's share of rendering {RENDER_CHUNK} images", flush=True)
-    if args.mix_probe:
-        return mix_probe(device)
     if args.profile:
         for path in args.paths:
             profile(args, device, path == "fast")
@@ -254,7 +228,7 @@ def main():
             text = table(records)  # written after every record, so that a cut-off run keeps what it measured
             with open(name, "w") as f:
                 json.dump(dict(gpu=gpu, torch=torch.__version__, render_ms=render_ms, repeats=args.repeats,
-                               warmup=args.warmup, mix=os.environ.get("FASTPATH_MIX", "triton"),
+                               warmup=args.warmup,
                                paper_code_h200=[dict(algo=a, T=T, batch=b, img_s=v[0], peak_gib=v[1])
                                                 for (a, T, b), v in PAPER_H200.items()], records=records), f,
                           indent=1)

@@ -14,7 +14,6 @@ gradient included, thrown away), and the LCP by a double backward. Written out, 
 elementwise products, two BatchNorm adjoints and two adjoint convolutions: cheap, compilable, and its
 first-order backward trains the LCP. This module imports only torch.
 """
-import os
 from typing import NamedTuple
 
 import torch
@@ -105,75 +104,10 @@ class _FFTConv(torch.autograd.Function):
 
 def _fft_correlate(x, w_hat, size):
     H, W = x.shape[-2:]
-    X = torch.fft.rfft2(at_least_fp32(x), s=size)  # B x C x n x m', x zero-padded
-    return torch.fft.irfft2(mix(X, w_hat), s=size)[..., :H, :W]
-
-
-@torch.library.custom_op("fastpath::mix", mutates_args=())
-def mix(X: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
-    """Y(f) = X(f) W^(f), a C x O complex matrix product at every frequency f, in cuFFT's layout:
-    X B x C x n x m', w_hat n x m' x C x O -> Y B x O x n x m' (contiguous, as irfft2 reads it best).
-    On a GPU one Triton kernel reads and writes that layout directly; elsewhere a batched matmul over f."""
-    if X.is_cuda and X.dtype == torch.complex64 and _mix_kernel is not None and not _MIX_BY_MATMUL:
-        return _triton_mix(X, w_hat)
-    return (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous()  # via n x m' x B x C copies
-
-
-@mix.register_fake
-def _(X, w_hat):
-    return X.new_empty((X.shape[0], w_hat.shape[-1]) + tuple(X.shape[2:]))
-
-
-_MIX_BY_MATMUL = os.environ.get("FASTPATH_MIX") == "matmul"  # the matmul route on a GPU too, to compare
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton (a CPU build of torch): the matmul route
-    triton = _mix_kernel = None
-
-if triton is not None:
-    @triton.jit
-    def _mix_kernel(x_ptr, w_ptr, y_ptr, B, F, C: tl.constexpr, O: tl.constexpr, O_PAD: tl.constexpr,
-                    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr):
-        # One program: BLOCK_B images x BLOCK_F frequencies x all O outputs; W^(f) is loaded once for the
-        # BLOCK_B images. Complex numbers are (re, im) float32 pairs (torch.view_as_real).
-        b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
-        f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)  # [BF]
-        o = tl.arange(0, O_PAD)  # [OP]
-        bm, fm, om = b < B, f < F, o < O
-        xm = bm[:, None] & fm[None, :]  # [BB, BF]
-        wm = fm[:, None] & om[None, :]  # [BF, OP]
-        acc_re = tl.zeros([BLOCK_B, BLOCK_F, O_PAD], dtype=tl.float32)
-        acc_im = tl.zeros([BLOCK_B, BLOCK_F, O_PAD], dtype=tl.float32)
-        for c in range(C):
-            #   Y[b, o, f] += X[b, c, f] W[f, c, o]
-            x_off = ((b[:, None] * C + c) * F + f[None, :]) * 2  # X: B x C x F (x 2)
-            xr = tl.load(x_ptr + x_off, mask=xm, other=0.0)
-            xi = tl.load(x_ptr + x_off + 1, mask=xm, other=0.0)
-            w_off = ((f[:, None] * C + c) * O + o[None, :]) * 2  # W: F x C x O (x 2)
-            wr = tl.load(w_ptr + w_off, mask=wm, other=0.0)
-            wi = tl.load(w_ptr + w_off + 1, mask=wm, other=0.0)
-            acc_re += xr[:, :, None] * wr[None, :, :] - xi[:, :, None] * wi[None, :, :]
-            acc_im += xr[:, :, None] * wi[None, :, :] + xi[:, :, None] * wr[None, :, :]
-        y_off = ((b[:, None, None] * O + o[None, None, :]) * F + f[None, :, None]) * 2  # Y: B x O x F (x 2)
-        ym = bm[:, None, None] & fm[None, :, None] & om[None, None, :]
-        tl.store(y_ptr + y_off, acc_re, mask=ym)
-        tl.store(y_ptr + y_off + 1, acc_im, mask=ym)
-
-
-MIX_BLOCKS = dict(BLOCK_B=4, BLOCK_F=32, num_warps=4)  # images x frequencies per program
-
-
-def _triton_mix(X, w_hat):
-    B, C, n, m = X.shape
-    O, F = w_hat.shape[-1], n * m
-    x = torch.view_as_real(X.contiguous())
-    w = torch.view_as_real(w_hat.resolve_conj().contiguous())
-    Y = torch.empty((B, O, n, m), dtype=X.dtype, device=X.device)
-    blocks = dict(MIX_BLOCKS)
-    grid = (triton.cdiv(F, blocks["BLOCK_F"]), triton.cdiv(B, blocks["BLOCK_B"]))
-    _mix_kernel[grid](x, w, torch.view_as_real(Y), B, F, C=C, O=O, O_PAD=triton.next_power_of_2(O), **blocks)
-    return Y
+    X = torch.fft.rfft2(at_least_fp32(x), s=size).permute(2, 3, 0, 1)  # n x m' x B x C, x zero-padded
+    #   Y(f) = X(f) W^(f): a C x O complex matrix product at every frequency f
+    Y = (X @ w_hat).permute(2, 3, 0, 1)  # B x O x n x m' (a view: irfft2 copies it once, as it must for c2r)
+    return torch.fft.irfft2(Y, s=size)[..., :H, :W]
 
 
 class Spectra(NamedTuple):
