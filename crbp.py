@@ -1,20 +1,7 @@
-"""C-RBP: train a recurrent cell at its fixed point with O(1) memory in the number of steps.
+"""C-RBP: train a recurrent cell at its fixed point, in memory that does not grow with the number of steps.
 
     Linsley, Ashok, Govindarajan, Liu, Serre. "Stable and expressive recurrent vision models." NeurIPS 2020.
     Liao et al. "Reviving and improving recurrent back-propagation." ICML 2018 (Neumann-RBP).
-
-A cell F is iterated from h_0 towards a fixed point of the static drive x,
-
-    h_{t+1} = F(h_t, x),    h* = F(h*, x),
-
-and trained one of these ways (`algo`):
-
-    bptt      all T steps on the autograd tape; the exact gradient of the unroll      memory O(T)
-    tbptt     T - truncate steps without grad, the last `truncate` steps on the tape   O(truncate)
-    rbp       T - 1 steps without grad, one step on the tape; the gradient is the     O(1)
-              implicit one at the fixed point, (I - J)^-1, as a truncated Neumann series
-    c-bptt, c-tbptt, c-rbp: the same, plus the Lipschitz Coefficient Penalty (LCP) that keeps F
-              contractive near h*, which is what makes the RBP gradient valid ("contractor" RBP).
 
     import crbp
     state, penalty, stats = crbp.run(cell, x, h0, steps=20, algo="c-rbp")  # cell(h, x) -> h_next
@@ -22,226 +9,218 @@ and trained one of these ways (`algo`):
     loss.backward()                                     # the Neumann series runs in here
     print(stats)                                        # residual, Neumann terms used, why they stopped
 
+    algo    forward                                          gradient                      memory in T
+    bptt    all T steps on the autograd tape                 exact, through the unroll     O(T)
+    tbptt   T - truncate steps without grad, then truncate   through the last steps        O(truncate)
+    rbp     T - 1 steps without grad, then one on the tape   implicit, at the fixed point  O(1)
+    c-bptt, c-tbptt, c-rbp: the same, plus the Lipschitz Coefficient Penalty (LCP), which keeps F contractive
+    near the fixed point: that is what makes the rbp gradient valid ("contractor" RBP).
+
 h may be a Tensor or a tuple of Tensors (ConvLSTM's (h, c)); the Neumann series and the LCP then cover
 every tensor of the state. This file imports only torch and the standard library: copy it as it is.
 """
-import difflib
+import dataclasses
+import math
+import sys
 import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
 ALGOS = ("bptt", "tbptt", "rbp", "c-bptt", "c-tbptt", "c-rbp")
-STOPS = ("max_terms", "tolerance", "diverging", "nonfinite", "grad_cap")  # why the Neumann series stopped
-OPTIONS = ("neumann_steps", "mu", "truncate", "tol", "grad_cap", "nonfinite", "warn", "on_step", "fast_cell")
-
-
-class Stats:
-    """What one `run` did. Values stay on the device until read, so recording them costs no host sync.
-
-    steps          the T steps run
-    residual       forward convergence ||h_T - h_{T-1}|| / ||h_T|| (< ~0.05 is a good fixed point)
-    nonfinite_step the first step whose state was not finite, or None (set with nonfinite="record")
-    neumann_terms  Neumann terms (J^T)^k g, k >= 1, kept in the gradient; None until backward has run
-    neumann_stop   one of STOPS; "diverging" and "nonfinite" mean F was not contractive at h_{T-1}
-    neumann_norms  ||(J^T)^k g|| for every term computed, k = 0, 1, ...
-    """
-
-    def __init__(self, steps: int):
-        self.steps = steps
-        self._residual = self._bad_step = self._neumann = None
-
-    @property
-    def residual(self) -> Optional[float]:
-        return None if self._residual is None else self._residual.item()
-
-    @property
-    def nonfinite_step(self) -> Optional[int]:
-        return None if self._bad_step is None else (int(self._bad_step) or None)
-
-    @property
-    def neumann_terms(self) -> Optional[int]:
-        return None if self._neumann is None else int(self._neumann[0])
-
-    @property
-    def neumann_stop(self) -> Optional[str]:
-        return None if self._neumann is None else STOPS[int(self._neumann[1])]
-
-    @property
-    def neumann_norms(self) -> Optional[list]:
-        return None if self._neumann is None else self._neumann[2].tolist()
-
-    def as_dict(self) -> dict:
-        keys = ("steps", "residual", "nonfinite_step", "neumann_terms", "neumann_stop")
-        return {k: getattr(self, k) for k in keys}
-
-    def __repr__(self):
-        return "Stats(" + ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ")"
+STOPS = ("max_terms", "tolerance", "diverging", "nonfinite", "grad_cap")  # why a Neumann series stopped
+GROWTH = 1e4  # a Neumann term this many times ||g|| is divergence, not the transient of a non-normal J
 
 
 class Result(NamedTuple):
     state: object  # h_T: a Tensor, or a tuple of Tensors like h0
-    penalty: torch.Tensor  # the LCP at the last transition (0-d); zero for algos without "c-"
-    stats: Stats
+    penalty: torch.Tensor  # the LCP of the last transition (0-d); zero without "c-" and under no_grad
+    stats: "Stats"
 
 
-def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps: int = 15,
-        mu: float = 0.9, truncate: Optional[int] = None, tol: float = 1e-6,
-        grad_cap: Optional[float] = None, nonfinite: str = "raise", warn: bool = False,
-        on_step: Optional[Callable] = None, fast_cell: Optional[Callable] = None, **unknown) -> Result:
-    """Run `h_{t+1} = cell(h_t, x)` for t = 0..steps-1 from h0 and return (state, penalty, stats).
+def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps: int = 15, mu: float = 0.9,
+        truncate: Optional[int] = None, tol: float = 1e-6, faithful: bool = False, grad_cap: Optional[float] = None,
+        nonfinite: str = "raise", on_step: Optional[Callable] = None, fast_cell: Optional[Callable] = None,
+        vjp: Optional[Callable] = None) -> Result:
+    """Run h_t = cell(h_{t-1}, x) for t = 1..steps from h0 and return (state, penalty, stats).
 
     algo           one of ALGOS (see the module docstring)
-    neumann_steps  K, the most Neumann terms (J^T)^k g in the rbp backward (paper: 15; 0 = one-step gradient)
-    mu             the LCP's bound on the column sums of J, in [0, 1) (paper: 0.9)
+    neumann_steps  K, the most Neumann terms (J^T)^k g in the rbp gradient (paper: 15; 0 = one-step gradient)
+    mu             the LCP's bound on the Jacobian's column sums, in [0, 1) (paper: 0.9)
     truncate       tbptt only: how many of the last steps are on the tape, 1..steps
-    tol            stop the Neumann series once a term's norm is <= tol * ||g||
-    grad_cap       the paper code's extra rule: stop once ||sum of terms|| > grad_cap (it used 1).
-                   A heuristic that depends on the loss scale, so off by default.
-    nonfinite      "raise": a non-finite state raises FloatingPointError naming the step (one host sync
-                   per run); "record": it is only recorded in stats.nonfinite_step (no sync)
-    warn           warn when the Neumann series stops because a term grew or was not finite (one sync)
-    on_step        called as on_step(t, h_t) after every step t = 1..T, e.g. for per-step readouts.
-                   Under torch.no_grad() it keeps no graph: use that for evaluation.
-    fast_cell      the same function as cell, e.g. torch.compile(cell), run for every step instead of cell,
-                   so that the Neumann terms are VJPs through its (fused) backward too. Compiled code has no
-                   double backward, which the LCP needs, so c- algos then take the penalty on one extra step
-                   of cell from the same h_(T-1): the same value, at the cost of one more step.
+    tol            the Neumann series is done once a term's norm is <= tol * ||g||
+    faithful       the paper code's stop rule: any term larger than the one before ends the series
+    grad_cap       the paper code's second rule: stop before the sum's norm exceeds grad_cap (it used 1)
+    nonfinite      "raise" a FloatingPointError when h_T is not finite, or "record" it (stats.residual is nan)
+    on_step        on_step(t, h_t) after every step; under torch.no_grad() it keeps no graph (per-step readouts)
+    fast_cell      the same function as cell (e.g. compiled), run for every step in its place
+    vjp            vjp(h, x, v) = v^T dcell(h, x)/dh, differentiable: then every Neumann term and the LCP use it
+                   instead of autograd through the taped step (no double backward for the LCP)
 
     Under torch.no_grad() every algo runs T plain steps and the penalty is zero. Under rbp h0 gets no
     gradient: at a fixed point h* does not depend on h0.
     """
+    _check_args(steps, algo, neumann_steps, mu, truncate, tol, grad_cap, nonfinite)
     h, is_tuple = _as_tuple(h0, "h0")
-    _check_run_args(cell, steps, algo, neumann_steps, mu, truncate, tol, grad_cap, nonfinite, on_step, unknown)
-    if fast_cell is not None and not callable(fast_cell):
-        raise ValueError(f"fast_cell must be None or a callable like cell, got {type(fast_cell).__name__}")
+    pack = (lambda z: tuple(z)) if is_tuple else (lambda z: z[0])
     base, constrained = algo.removeprefix("c-"), algo.startswith("c-")
-    tape = 0 if not torch.is_grad_enabled() else {"bptt": steps, "tbptt": truncate, "rbp": 1}[base]
-    stats = Stats(steps)
-    bad_step = torch.zeros((), dtype=torch.long, device=h[0].device)
-
-    h_prev = h
+    taped = {"bptt": steps, "tbptt": truncate, "rbp": 1}[base] if torch.is_grad_enabled() else 0
+    step = cell if fast_cell is None else fast_cell
+    # The fixed-point iteration:  h_t = F(h_{t-1}, x),  t = 1..T,  towards h* = F(h*, x).
     for t in range(1, steps + 1):
-        if t == steps and tape and base == "rbp":
-            # The last step starts from a detached leaf: the tape holds this one step only (that is the
-            # O(1) memory), and J = dh_T/dh_{T-1} is taken with respect to this leaf.
-            h = tuple(z.detach().requires_grad_() for z in h)
-        elif t == steps and tape and constrained:
-            # The LCP needs h_{T-1} on the tape as separate inputs of the last step: a leaf where h0 or a
-            # no-grad step produced it, else a view, so that dh_T/dc_{T-1} does not also count the path
-            # through h_{T-1} = o * tanh(c_{T-1}) (tuple states whose tensors depend on each other).
-            h = tuple(z.view_as(z) if z.requires_grad else z.detach().requires_grad_() for z in h)
-        f = cell if fast_cell is None else fast_cell
-        with torch.set_grad_enabled(t > steps - tape):
-            h_prev, h = h, _as_tuple(f(_pack(h, is_tuple), x), "the cell's output")[0]
+        if t == steps and taped and (base == "rbp" or constrained):
+            # h_{T-1} enters the last step as its own input(s), so that J = dh_T/dh_{T-1} is that step's alone:
+            # a leaf where nothing taped made it (rbp: the tape holds this one step, the O(1) memory), else a
+            # view, so that dh_T/dc_{T-1} does not also count the path through h_{T-1} = o tanh(c_{T-1}).
+            h = tuple(z.view_as(z) if z.requires_grad and base != "rbp" else z.detach().requires_grad_() for z in h)
+        with torch.set_grad_enabled(t > steps - taped):
+            h_prev, h = h, _as_tuple(step(pack(h), x), "the cell's output")[0]
         if t == 1:
-            _check_like(h, h_prev, is_tuple)
-        # Where was the state first not finite? Kept on the device: no host sync per step.
-        finite = torch.stack([torch.isfinite(z).all() for z in h]).all()
-        bad_step = torch.where((bad_step == 0) & ~finite, t, bad_step)
+            _check_like(h, h_prev, pack)
         if on_step is not None:
-            on_step(t, _pack(h, is_tuple))
+            on_step(t, pack(h))
 
-    with torch.no_grad():
-        stats._residual = _norm([a - b for a, b in zip(h, h_prev)]) / _norm(h).clamp_min(1e-30)
-    stats._bad_step = bad_step
-    if nonfinite == "raise" and int(bad_step):
-        raise FloatingPointError(f"the state became non-finite at step {int(bad_step)} of {steps}: lower the "
-                                 "learning rate, add the LCP (a c- algo) or use nonfinite='record' to inspect")
+    with torch.no_grad():  # one host sync per run: the residual, and whether h_T is finite
+        finite = torch.stack([torch.isfinite(z).all() for z in h]).all()
+        residual = _norm([a - b for a, b in zip(h, h_prev)]) / _norm(h).clamp_min(1e-30)
+        residual = float(torch.where(finite, residual, float("nan")))
+    stats = Stats(steps, residual)
+    if nonfinite == "raise" and not math.isfinite(residual):
+        raise FloatingPointError(f"the state is not finite after {steps} steps: lower the learning rate, add the "
+                                 "LCP (a c- algo), or pass nonfinite='record' to inspect")
 
     penalty = torch.zeros((), device=h[0].device)
-    if tape and constrained:
-        h_next = h if fast_cell is None else cell(_pack(h_prev, is_tuple), x)  # no double backward: see fast_cell
-        penalty = lcp(h_next, h_prev, mu)
-    if tape and base == "rbp":
-        h = _NeumannRBP.apply((neumann_steps, tol, grad_cap, warn, stats), len(h), *h_prev, *h)
-    return Result(_pack(h, is_tuple), penalty, stats)
+    ones = lambda: [torch.ones_like(z) for z in h]
+    if taped and constrained and vjp is not None:
+        penalty = _lcp(_as_tuple(vjp(pack(h_prev), x, pack(ones())), "vjp's output")[0], mu, "mean")
+    elif taped and constrained:  # compiled code has no double backward: then take the LCP on one more plain step
+        h_next = h if fast_cell is None else _as_tuple(cell(pack(h_prev), x), "the cell's output")[0]
+        penalty = _lcp(_vjp(h_next, h_prev, ones(), create_graph=True), mu, "mean")
+    if taped and base == "rbp":
+        if vjp is not None:
+            h_fixed = tuple(z.detach() for z in h_prev)
+            JT = lambda v: _as_tuple(vjp(pack(h_fixed), x, pack(v)), "vjp's output")[0]
+        else:
+            JT = lambda v, h_T=h, h_prev=h_prev: _vjp(h_T, h_prev, v)
+        caller = sys._getframe(1)
+        options = dict(K=neumann_steps, tol=tol, faithful=faithful, grad_cap=grad_cap)
+        h = _ImplicitGradient.apply(JT, options, stats, (caller.f_code.co_filename, caller.f_lineno), *h)
+    return Result(pack(h), penalty, stats)
+
+
+@dataclasses.dataclass
+class Stats:
+    """What one `run` did. The neumann_* fields are filled in when the rbp backward has run."""
+
+    steps: int
+    residual: float  # forward convergence ||h_T - h_{T-1}|| / ||h_T||: small (< ~0.05) at a fixed point
+    neumann_terms: Optional[int] = None  # terms (J^T)^k g, k >= 1, in the gradient
+    neumann_stop: Optional[str] = None  # one of STOPS; "diverging" / "nonfinite": F not contractive at h_{T-1}
+    neumann_norms: list = dataclasses.field(default_factory=list, repr=False)  # ||(J^T)^k g||, k = 0, 1, ...
+    neumann_sum: Optional[float] = None  # ||sum of the kept terms||: the paper code's grad_cap compared it with 1
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("steps", "residual", "neumann_terms", "neumann_stop", "neumann_sum")}
+
+
+def neumann(JT: Callable, g, K: int = 15, tol: float = 1e-6, faithful: bool = False,
+            grad_cap: Optional[float] = None):
+    """(I - J^T)^-1 g by its truncated Neumann series; JT(v) = J^T v, g a list of tensors.
+
+    Returns (the sum, the terms k >= 1 kept in it, the stop reason, the term norms k = 0, 1, ...). A series
+    of a contractive but non-normal J may grow for a while before it shrinks, so growth alone is not
+    divergence. It is when a term is not finite, exceeds GROWTH * ||g||, or is still >= ||g|| after K terms;
+    the sum then ends at its smallest term (the best truncation of a divergent series), never at NaN.
+    faithful=True uses the paper code's rule instead: stop before the first term larger than the one before.
+    """
+    G, v, norms = g, g, [_norm(g).item()]
+    terms, stop, best = 0, "max_terms", (g, 0, norms[0])  # best: the partial sum that ends at the smallest term
+    # Implicit function theorem at h* = F(h*):  dL/dtheta = g^T (I - J)^-1 dF/dtheta,  J = dF/dh,  g = dL/dh*.
+    # With J contractive:  (I - J^T)^-1 g = sum_k (J^T)^k g:  K terms, each one VJP.
+    for k in range(1, K + 1):
+        v = JT(v)
+        norms.append(_norm(v).item())  # one host sync per term, which costs a small part of the VJP
+        if not math.isfinite(norms[-1]) or (faithful and norms[-1] > norms[-2]):
+            stop = "nonfinite" if not math.isfinite(norms[-1]) else "diverging"
+            break
+        if grad_cap is not None and _norm([a + b for a, b in zip(G, v)]) > grad_cap:
+            stop = "grad_cap"
+            break
+        G, terms = [a + b for a, b in zip(G, v)], k
+        if norms[-1] < best[2]:
+            best = (G, k, norms[-1])
+        if norms[-1] <= tol * norms[0] or norms[-1] > GROWTH * norms[0]:
+            stop = "tolerance" if norms[-1] <= tol * norms[0] else "diverging"
+            break
+    else:
+        if K and norms[-1] >= norms[0]:
+            stop = "diverging"  # K terms and still as large as g: the series is not converging within K
+    if stop in ("diverging", "nonfinite") and not faithful:
+        G, terms, _ = best
+    return G, terms, stop, norms
+
+
+class _ImplicitGradient(torch.autograd.Function):
+    """The identity on h_T going forward. Going backward it replaces the gradient g arriving at h_T by
+    (I - J^T)^-1 g, which then flows through the one taped step to the parameters and to x."""
+
+    @staticmethod
+    def forward(ctx, JT, options, stats, caller, *h):
+        ctx.JT, ctx.options, ctx.stats, ctx.caller = JT, options, stats, caller
+        return tuple(z.view_as(z) for z in h)
+
+    @staticmethod
+    def backward(ctx, *g):
+        if torch.is_grad_enabled():  # create_graph=True would treat the Neumann sum as a constant: refuse
+            raise RuntimeError("double backward through the RBP Neumann series is not supported; use bptt for "
+                               "higher-order gradients")
+        dtypes = [z.dtype for z in g]  # under autocast the terms arrive in bf16: sum them in float32 or wider
+        JT = lambda v: [u.to(_acc(u)) for u in ctx.JT([vi.to(d) for vi, d in zip(v, dtypes)])]
+        G, terms, stop, norms = neumann(JT, [z.to(_acc(z)) for z in g], **ctx.options)
+        ctx.stats.neumann_terms, ctx.stats.neumann_stop, ctx.stats.neumann_norms = terms, stop, norms
+        ctx.stats.neumann_sum = _norm(G).item()
+        if stop in ("diverging", "nonfinite"):  # shown once per call site of crbp.run, not once per step
+            what = "diverged" if stop == "diverging" else "met a non-finite term"
+            warnings.warn_explicit(f"the Neumann series {what}: F is not contractive at h_(T-1), so the gradient "
+                                   "is its best partial sum. Raise the LCP weight or lower mu (stats.neumann_norms "
+                                   "has the terms' norms)", NeumannWarning, *ctx.caller,
+                                   registry=_WARNED.setdefault(ctx.caller, {}))
+        return (None,) * 4 + tuple(Gi.to(d) for Gi, d in zip(G, dtypes))
+
+
+class NeumannWarning(UserWarning):
+    """The rbp gradient's Neumann series diverged or met a non-finite term."""
+
+
+_WARNED = {}  # warnings' registry per call site
 
 
 def lcp(h_next, h_prev, mu: float = 0.9, reduction: str = "mean") -> torch.Tensor:
     """Lipschitz Coefficient Penalty of the transition h_next = F(h_prev) (Linsley et al. 2020, SI §1.2).
 
-    h_prev must require grad and h_next must have been computed from it with autograd on; the tensors of
-    a tuple h_prev must be separate inputs (leaves or views), not one computed from another. Tuple states:
-    u is the column sum over the whole block Jacobian of (h, c, ...) (the paper's ConvLSTM summed only the
-    diagonal blocks), and "mean" averages over every element of every tensor. "sum" is what the panoptic
-    code used (it differs from "mean" by the number of elements, so its weight must be rescaled).
+    h_next must have been computed from h_prev with autograd on; the tensors of a tuple h_prev must be
+    separate inputs (leaves or views), not one computed from another. Tuple states: u is the column sum
+    over the whole block Jacobian of (h, c, ...) (the paper's ConvLSTM summed only the diagonal blocks).
+    "sum" is what the panoptic code used; it differs from "mean" by the number of elements.
     """
-    hn, _ = _as_tuple(h_next, "h_next")
-    hp, _ = _as_tuple(h_prev, "h_prev")
-    if not 0 <= mu < 1:
-        raise ValueError(f"mu must be in [0, 1) (the paper used 0.9), got {mu!r}")
+    hn, hp = _as_tuple(h_next, "h_next")[0], _as_tuple(h_prev, "h_prev")[0]
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not 0 <= mu < 1:
+        raise ValueError(f"mu must be in [0, 1) (the paper used 0.9), got {mu!r}")
     if not any(z.requires_grad for z in hp) or not any(z.requires_grad for z in hn):
         raise ValueError("lcp needs h_next computed from an h_prev that requires grad, with autograd enabled: "
                          "h_prev = h_prev.detach().requires_grad_(); h_next = cell(h_prev, x)")
-    # u = 1^T J, J = dh_next/dh_prev: the column sums of the Jacobian, in one VJP with a ones vector.
-    # create_graph=True: u is itself a function of the parameters, and the penalty must train them.
-    u = _vjp(hn, hp, [torch.ones_like(z) for z in hn], create_graph=True)
-    # LCP = sum_i ((1^T J)_i - mu)_+^2: one-sided, so negative column sums are never penalised.
+    # u = 1^T J, J = dh_next/dh_prev: the Jacobian's column sums in one VJP with a vector of ones, kept on the
+    # tape (create_graph) because the penalty must train the parameters that u depends on.
+    return _lcp(_vjp(hn, hp, [torch.ones_like(z) for z in hn], create_graph=True), mu, reduction)
+
+
+def _lcp(u, mu, reduction):
+    # LCP = sum_i ((1^T J)_i - mu)_+^2: one-sided, so column sums below mu are never penalised.
     # Summed in float32 or wider: under bf16 autocast a sum over millions of elements loses digits.
-    total = sum((ui - mu).clamp(min=0).square().sum(dtype=_acc_dtype(ui)) for ui in u)
+    total = sum((ui - mu).clamp(min=0).square().sum(dtype=_acc(ui)) for ui in u)
     return total / sum(ui.numel() for ui in u) if reduction == "mean" else total
-
-
-class _NeumannRBP(torch.autograd.Function):
-    """The identity on h_T going forward; going backward it replaces the gradient g arriving at h_T by
-    the truncated Neumann series of (I - J^T)^-1 g, which then flows through the one taped step to the
-    parameters and to x. It is an autograd.Function (not a tensor hook) and saves h_{T-1}, h_T with
-    save_for_backward (not on ctx), and refuses a double backward rather than get it wrong."""
-
-    @staticmethod
-    def forward(ctx, options, n, *h):  # h = h_{T-1} (n tensors), then h_T (n tensors)
-        ctx.options, ctx.n = options, n
-        ctx.save_for_backward(*h)
-        return tuple(z.view_as(z) for z in h[n:])
-
-    @staticmethod
-    def backward(ctx, *g):
-        if torch.is_grad_enabled():
-            # create_graph=True through here would treat the Neumann sum as a constant: refuse, not be wrong.
-            raise RuntimeError("double backward through the RBP Neumann series is not supported; use bptt "
-                               "for higher-order gradients")
-        K, tol, grad_cap, warn, stats = ctx.options
-        saved = ctx.saved_tensors
-        h_prev, h_last = saved[:ctx.n], saved[ctx.n:]
-        acc = _acc_dtype(g[0])
-        # Implicit gradient at the fixed point (implicit function theorem, SI §2):
-        #   dL/dtheta = g^T (I - J)^-1 dF/dtheta,   J = dF/dh at h*,   g = dL/dh*.
-        # With J contractive, (I - J^T)^-1 g = g + J^T g + (J^T)^2 g + ...; keep K terms, each a VJP.
-        # Accumulated in float32 or wider: under autocast the terms arrive in bf16.
-        v = [gi.to(acc) for gi in g]
-        G = list(v)
-        norm_g = norm_prev = _norm(v)
-        norms = [norm_g]
-        active = torch.ones((), dtype=torch.bool, device=norm_g.device)
-        terms = torch.zeros((), dtype=torch.long, device=norm_g.device)
-        stop = torch.zeros_like(terms)  # STOPS[0] = "max_terms"
-        for k in range(1, K + 1):
-            v = [vi.to(acc) for vi in _vjp(h_last, h_prev, [vi.to(z.dtype) for vi, z in zip(v, h_last)])]
-            norm_v = _norm(v)
-            norms.append(norm_v)
-            # Stop rules. A term that is not finite, or larger than the one before, means J is not
-            # contractive here: the series diverges, so keep the partial sum before it (never a NaN or
-            # zero gradient) and say so in stats. A term below tol * ||g|| is kept, and the sum is done.
-            # The stop is decided on the device, with no host sync per term.
-            reason = torch.where(~torch.isfinite(norm_v), 3, torch.where(norm_v > norm_prev, 2, 0))
-            if grad_cap is not None:  # the paper code's rule: stop once ||G|| would exceed grad_cap
-                reason = torch.where((reason == 0) & (_norm([a + b for a, b in zip(G, v)]) > grad_cap), 4, reason)
-            take = active & (reason == 0)
-            G = [torch.where(take, a + b, a) for a, b in zip(G, v)]
-            terms = terms + take.long()
-            small = norm_v <= tol * norm_g
-            stop = torch.where(active & ~take, reason, torch.where(take & small, 1, stop))
-            active, norm_prev = take & ~small, norm_v
-            if k % 4 == 0 and not active:  # one host sync every 4 terms, to skip work once stopped
-                break
-        stats._neumann = (terms, stop, torch.stack(norms))
-        if warn and int(stop) in (2, 3):
-            warnings.warn(f"Neumann series stopped after {int(terms)} terms: a term was {STOPS[int(stop)]}, so F "
-                          "is not contractive at h_(T-1). Raise the LCP weight or lower mu.", stacklevel=2)
-        return (None, None) + (None,) * ctx.n + tuple(Gi.to(z.dtype) for Gi, z in zip(G, h_last))
 
 
 def _vjp(outputs, inputs, v, create_graph=False):
@@ -255,11 +234,11 @@ def _vjp(outputs, inputs, v, create_graph=False):
 
 
 def _norm(tensors) -> torch.Tensor:
-    """The 2-norm of a tuple of tensors taken as one vector, in float32 or wider."""
-    return torch.stack([z.to(_acc_dtype(z)).square().sum() for z in tensors]).sum().sqrt()
+    """The 2-norm of a list of tensors taken as one vector, in float32 or wider."""
+    return torch.stack([z.to(_acc(z)).square().sum() for z in tensors]).sum().sqrt()
 
 
-def _acc_dtype(z):
+def _acc(z):
     return torch.promote_types(z.dtype, torch.float32)
 
 
@@ -272,10 +251,6 @@ def _as_tuple(h, what):
     return hs, is_tuple
 
 
-def _pack(h, is_tuple):
-    return h if is_tuple else h[0]
-
-
 def _describe(h):
     if isinstance(h, torch.Tensor):
         return f"Tensor{tuple(h.shape)} {h.dtype}"
@@ -284,13 +259,12 @@ def _describe(h):
     return type(h).__name__
 
 
-def _check_like(h_new, h, is_tuple):
+def _check_like(h_new, h, pack):
     """The cell must return a state of h's structure, shapes and dtypes (dtypes may change under autocast)."""
-    same = len(h_new) == len(h) and all(
-        a.shape == b.shape and (a.dtype == b.dtype or _autocast_on()) for a, b in zip(h_new, h))
-    if not same:
-        raise ValueError(f"cell(h, x) must return a state like h: got {_describe(_pack(h_new, is_tuple))} "
-                         f"for h = {_describe(_pack(h, is_tuple))}")
+    if len(h_new) != len(h) or any(a.shape != b.shape or (a.dtype != b.dtype and not _autocast_on())
+                                   for a, b in zip(h_new, h)):
+        raise ValueError(f"cell(h, x) must return a state like h: got {_describe(pack(h_new))} for h = "
+                         f"{_describe(pack(h))}")
 
 
 def _autocast_on():
@@ -300,39 +274,25 @@ def _autocast_on():
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
-def _check_run_args(cell, steps, algo, K, mu, truncate, tol, grad_cap, nonfinite, on_step, unknown):
-    def fail(msg):
-        raise ValueError(msg)
-
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key in unknown:
-        close = difflib.get_close_matches(key, OPTIONS, n=1)
-        fail(f"unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-             + f"; run takes: steps, algo, {', '.join(OPTIONS)}")
-    if not callable(cell):
-        fail(f"cell must be a callable cell(h, x) -> h_next, got {type(cell).__name__}")
+def _check_args(steps, algo, K, mu, truncate, tol, grad_cap, nonfinite):
+    """The checks that stand between a wrong argument and a silently wrong gradient."""
     if algo not in ALGOS:
-        fail(f"algo must be one of {ALGOS}, got {algo!r}")
-    if not is_int(steps) or steps < 1:
-        fail(f"steps must be an int >= 1, got {steps!r}")
-    if algo.endswith("rbp") and steps < 2 and torch.is_grad_enabled():  # under no_grad any T runs plain steps
-        fail(f"{algo} needs steps >= 2 (T-1 steps without grad, then one on the tape), got {steps}")
-    if algo.endswith("tbptt") and not (is_int(truncate) and 1 <= truncate <= steps):
-        fail(f"{algo} needs truncate, the number of last steps to backpropagate through, in 1..{steps}; "
-             f"got {truncate!r}")
-    if not algo.endswith("tbptt") and truncate is not None:
-        fail(f"truncate is only used by tbptt and c-tbptt, not {algo}: leave it None")
-    if not is_int(K) or K < 0:
-        fail(f"neumann_steps must be an int >= 0 (the paper used 15), got {K!r}")
-    if not isinstance(mu, (int, float)) or not 0 <= mu < 1:
-        fail(f"mu must be a number in [0, 1) (the paper used 0.9), got {mu!r}")
-    if not isinstance(tol, (int, float)) or not tol >= 0:
-        fail(f"tol must be a number >= 0, got {tol!r}")
-    if grad_cap is not None and not (isinstance(grad_cap, (int, float)) and grad_cap > 0):
-        fail(f"grad_cap must be None or a number > 0 (the paper code used 1), got {grad_cap!r}")
-    if nonfinite not in ("raise", "record"):
-        fail(f"nonfinite must be 'raise' or 'record', got {nonfinite!r}")
-    if on_step is not None and not callable(on_step):
-        fail(f"on_step must be None or a callable on_step(t, h), got {type(on_step).__name__}")
+        raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    problems = [  # each condition short-circuits before any comparison that could raise
+        (not is_int(steps) or steps < 1, f"steps must be an int >= 1, got {steps!r}"),
+        (algo.endswith("rbp") and steps == 1 and torch.is_grad_enabled(),
+         f"{algo} needs steps >= 2 (T-1 steps without grad, then one on the tape), got 1"),
+        (algo.endswith("tbptt") and not (is_int(truncate) and 1 <= truncate <= steps),
+         f"{algo} needs truncate, the number of last steps to backpropagate through, in 1..{steps}; got {truncate!r}"),
+        (not algo.endswith("tbptt") and truncate is not None, f"truncate is for tbptt and c-tbptt, not {algo!r}"),
+        (not is_int(K) or K < 0, f"neumann_steps must be an int >= 0 (the paper used 15), got {K!r}"),
+        (not isinstance(mu, (int, float)) or not 0 <= mu < 1, f"mu must be a number in [0, 1) (paper 0.9), got {mu!r}"),
+        (not isinstance(tol, (int, float)) or not tol >= 0, f"tol must be a number >= 0, got {tol!r}"),
+        (grad_cap is not None and not (isinstance(grad_cap, (int, float)) and grad_cap > 0),
+         f"grad_cap must be None or a number > 0 (the paper code used 1), got {grad_cap!r}"),
+        (nonfinite not in ("raise", "record"), f"nonfinite must be 'raise' or 'record', got {nonfinite!r}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)

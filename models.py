@@ -58,26 +58,27 @@ class Output(NamedTuple):
 def gabor_bank() -> torch.Tensor:
     """The C-RBP hGRU's 7x7 front-end bank, 25 x 1 x 7 x 7, built analytically (no data file).
 
-    The paper code loads `gabor_serre.npy`, whose filters 0..23 are zero-mean unit-norm oriented Gabors and
-    filter 24 a positive blob (entries 1.69 or 0, sum 49). The file is not public, so the Gabors are rebuilt
-    with Serre et al.'s (2007) S1 parameters for the 7x7 scale (sigma 2.8, wavelength 3.5, aspect 0.3):
-    12 orientations theta = k*15 deg times 2 phases (even cos, odd sin), order theta-major. The blob is the
-    disc x^2 + y^2 <= 9: 29 pixels of 49/29 = 1.69, sum 49, as in the file.
+    The paper code loads `gabor_serre.npy`: 24 Gabors and a positive blob. This recipe, fitted to that file
+    (it matches to < 1e-6), is Serre et al.'s (2007) S1 filter at the 7x7 scale (wavelength 3.5, sigma 2.8,
+    aspect 0.3) on the offsets x (row) and y (column) in -3..3, cut to the disc x^2 + y^2 <= 9, then made
+    zero-mean (over all 49 pixels, so the corners end up at -mean) and unit-norm:
+        u = x cos(theta) + y sin(theta),  v = -x sin(theta) + y cos(theta)
+        G = exp(-(u^2 + 0.3^2 v^2) / (2 2.8^2)) cos(2 pi u / 3.5 + phi)
+    Filters 0..11: theta = 90 - 15 j degrees, phi = 0; filters 12..23: the same thetas, phi = 116.6 degrees
+    (the file's second phase, fitted). Filter 24: the disc, 29 pixels of 49/29 each (sum 49), as in the file.
     """
     r = torch.arange(7, dtype=torch.float64) - 3
-    y, x = torch.meshgrid(r, r, indexing="ij")  # (7, 7) pixel offsets, y down, x right
+    x, y = torch.meshgrid(r, r, indexing="ij")  # (7, 7) offsets: x down the rows, y along the columns
+    disc = (x ** 2 + y ** 2 <= 9).double()
     filters = []
-    for k in range(12):
-        th = k * math.pi / 12
-        u, v = x * math.cos(th) + y * math.sin(th), -x * math.sin(th) + y * math.cos(th)
-        # G(u, v) = exp(-(u^2 + a^2 v^2) / (2 sigma^2)) * cos(2 pi u / lambda + phase)
-        env = torch.exp(-(u ** 2 + 0.3 ** 2 * v ** 2) / (2 * 2.8 ** 2))
-        for phase in (0.0, math.pi / 2):
-            g = env * torch.cos(2 * math.pi * u / 3.5 + phase)
+    for phi in (0.0, math.radians(116.6)):
+        for j in range(12):
+            th = math.radians(90 - 15 * j)
+            u, v = x * math.cos(th) + y * math.sin(th), -x * math.sin(th) + y * math.cos(th)
+            g = torch.exp(-(u ** 2 + 0.3 ** 2 * v ** 2) / (2 * 2.8 ** 2)) * torch.cos(2 * math.pi * u / 3.5 + phi) * disc
             g = g - g.mean()
             filters.append(g / g.norm())
-    blob = (x ** 2 + y ** 2 <= 9).double()
-    filters.append(blob * 49 / blob.sum())
+    filters.append(disc * 49 / disc.sum())
     return torch.stack(filters)[:, None].float()  # (25, 1, 7, 7)
 
 

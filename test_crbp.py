@@ -4,6 +4,7 @@ The references never call crbp's internals: explicit Jacobians (torch.autograd.f
 torch.linalg.solve for the implicit-function-theorem gradient, and hand-written unrolls.
 """
 import ast
+import math
 import os
 import subprocess
 import sys
@@ -167,6 +168,7 @@ def test_neumann_partial_sum_equals_explicit_series():
         want, term = want + term, J.T @ term
     assert rel(G.reshape(-1), want) < 1e-12
     assert (stats.neumann_terms, stats.neumann_stop) == (K, "max_terms")
+    assert abs(stats.neumann_sum - want.norm().item()) < 1e-12 * want.norm().item()
     assert len(stats.neumann_norms) == K + 1 and abs(stats.neumann_norms[0] - g.norm().item()) < 1e-12
 
 
@@ -273,16 +275,60 @@ def test_rbp_memory_is_constant_in_steps_and_bptt_grows():
 
 # ---- Stop rules: honest about when the math does not hold ----------------------------------------
 
-def test_non_contractive_cell_stops_diverging_and_keeps_a_finite_gradient():
+def test_non_contractive_cell_stops_diverging_warns_and_keeps_a_finite_gradient():
     A = 1.5  # F(h, x) = A h + x: J = A I, the Neumann terms grow by 1.5 each
     x = torch.ones(B, D, requires_grad=True)
-    state, _, stats = crbp.run(lambda h, x: A * h + x, x, torch.zeros(B, D), steps=3, algo="rbp")
-    with pytest.warns(UserWarning, match="not contractive"):
-        state2, _, _ = crbp.run(lambda h, x: A * h + x, x, torch.zeros(B, D), steps=3, algo="rbp", warn=True)
-        state2.sum().backward()
-    (G,) = torch.autograd.grad(state.sum(), x)
+    with pytest.warns(crbp.NeumannWarning, match="diverged"):
+        state, _, stats = crbp.run(lambda h, x: A * h + x, x, torch.zeros(B, D), steps=3, algo="rbp")
+        (G,) = torch.autograd.grad(state.sum(), x)
     assert (stats.neumann_terms, stats.neumann_stop) == (0, "diverging")
-    assert torch.equal(G, torch.ones(B, D))  # the partial sum before the growing term: g itself
+    assert torch.equal(G, torch.ones(B, D))  # the sum up to its smallest term: g itself
+    # Faster growth stops at GROWTH * ||g||, before the K terms run out.
+    with pytest.warns(crbp.NeumannWarning):
+        state, _, stats = crbp.run(lambda h, x: 4 * h + x, x, torch.zeros(B, D), steps=3, algo="rbp", neumann_steps=50)
+        torch.autograd.grad(state.sum(), x)
+    assert stats.neumann_stop == "diverging" and len(stats.neumann_norms) == 8  # 4^7 > GROWTH > 4^6
+
+
+def nonnormal_run(**options):
+    """The contractive but non-normal J = [[.5, 4], [0, .5]]: its Neumann terms grow before they shrink."""
+    J = torch.tensor([[0.5, 4.0], [0.0, 0.5]])
+    x = torch.ones(1, 2, requires_grad=True)
+    state, _, stats = crbp.run(lambda h, x: h @ J.T + x, x, torch.zeros(1, 2), steps=100, algo="rbp", tol=0, **options)
+    (G,) = torch.autograd.grad(state[0, 0], x)
+    return G[0], stats
+
+
+def test_non_normal_contraction_gets_the_exact_gradient():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning: the series converges
+        G, stats = nonnormal_run(neumann_steps=60)
+    # dL/dx = e_0^T (I - J)^-1 = the first row of [[2, 16], [0, 2]]
+    assert torch.allclose(G, torch.tensor([2.0, 16.0]), rtol=1e-12, atol=0)
+    assert stats.neumann_stop == "max_terms" and stats.neumann_terms == 60
+    assert max(stats.neumann_norms) > stats.neumann_norms[0]  # the terms did grow on the way
+
+
+def test_faithful_stop_rule_is_the_paper_codes():
+    # The paper code stops at the first term larger than the one before: on the non-normal J after 0 terms.
+    with pytest.warns(crbp.NeumannWarning):
+        G, stats = nonnormal_run(neumann_steps=60, faithful=True)
+    assert torch.equal(G, torch.tensor([1.0, 0.0])) and (stats.neumann_terms, stats.neumann_stop) == (0, "diverging")
+    # Too few terms for the transient to pass: flagged, and the sum ends at its smallest term (here g).
+    with pytest.warns(crbp.NeumannWarning):
+        G, stats = nonnormal_run(neumann_steps=3)
+    assert stats.neumann_stop == "diverging" and torch.equal(G, torch.tensor([1.0, 0.0]))
+
+
+def test_divergence_warning_names_the_callers_line_once():
+    x = torch.ones(B, D, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            state, _, _ = crbp.run(lambda h, x: 1.5 * h + x, x, torch.zeros(B, D), steps=3, algo="rbp"); line = sys._getframe().f_lineno  # noqa: E702
+            state.sum().backward()
+    mine = [w for w in caught if issubclass(w.category, crbp.NeumannWarning)]
+    assert len(mine) == 1 and mine[0].filename == __file__ and mine[0].lineno == line
 
 
 def test_tolerance_stop_and_paper_grad_cap():
@@ -312,18 +358,19 @@ class NaNBackward(torch.autograd.Function):
 
 def test_nonfinite_neumann_term_is_dropped_not_returned():
     x = torch.ones(B, D, requires_grad=True)
-    state, _, stats = crbp.run(lambda h, x: NaNBackward.apply(h) + x, x, torch.zeros(B, D), steps=4, algo="rbp")
-    (G,) = torch.autograd.grad(state.sum(), x)
+    with pytest.warns(crbp.NeumannWarning, match="non-finite"):
+        state, _, stats = crbp.run(lambda h, x: NaNBackward.apply(h) + x, x, torch.zeros(B, D), steps=4, algo="rbp")
+        (G,) = torch.autograd.grad(state.sum(), x)
     assert stats.neumann_stop == "nonfinite" and torch.equal(G, torch.ones(B, D))
 
 
-def test_nonfinite_state_raises_naming_the_step_or_is_recorded():
+def test_nonfinite_state_raises_or_is_recorded():
     blow = lambda h, x: h * 1e300 + x  # overflows to inf at step 3 in float64
     x = torch.ones(B, D)
-    with pytest.raises(FloatingPointError, match="step 3"):
+    with pytest.raises(FloatingPointError, match="not finite after 5 steps"):
         crbp.run(blow, x, torch.zeros(B, D), steps=5, algo="bptt")
     _, _, stats = crbp.run(blow, x, torch.zeros(B, D), steps=5, algo="bptt", nonfinite="record")
-    assert stats.nonfinite_step == 3
+    assert math.isnan(stats.residual)
 
 
 def test_double_backward_through_neumann_refuses():
@@ -348,19 +395,73 @@ def test_no_grad_runs_plain_steps_and_on_step_sees_every_state():
         assert torch.equal(crbp.run(cell, x, h0, steps=1, algo="rbp").state, seen[0][1])
 
 
+class DenseByHand(torch.autograd.Function):
+    """Dense's step with a hand-written backward: the same function implemented differently, as a fused or
+    compiled cell would be. It counts its backward calls."""
+    backward_calls = 0
+
+    @staticmethod
+    def forward(ctx, h, x, W, U, b):
+        y = torch.tanh(torch.addmm(b, torch.cat([h, x], 1), torch.cat([W, U], 1).T))
+        ctx.save_for_backward(h, x, W, U, y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        DenseByHand.backward_calls += 1
+        h, x, W, U, y = ctx.saved_tensors
+        ga = gy * (1 - y * y)  # through tanh
+        return ga @ W, ga @ U, ga.T @ h, ga.T @ x, ga.sum(0)
+
+
 @pytest.mark.parametrize("algo", ["rbp", "c-rbp", "bptt", "c-bptt"])
-def test_fast_cell_runs_every_step_and_plain_cell_only_for_the_lcp(algo):
-    cell, x, h0, r = dense_setup()
+def test_fast_cell_runs_every_step_and_its_backward_serves_the_neumann_terms(algo):
+    cell, x, h0, r = dense_setup(rho=0.95)
     calls = []
-    fast = lambda h, x: (calls.append(torch.is_grad_enabled()), cell(h, x))[1]
-    state, penalty, _ = crbp.run(cell, x, h0, steps=6, algo=algo, fast_cell=fast)
-    ref, ref_penalty, _ = crbp.run(cell, x, h0, steps=6, algo=algo)
+    fast = lambda h, x: (calls.append(torch.is_grad_enabled()), DenseByHand.apply(h, x, cell.W, cell.U, cell.b))[1]
+    state, penalty, stats = crbp.run(cell, x, h0, steps=6, algo=algo, mu=0.3, fast_cell=fast)
+    ref, ref_penalty, _ = crbp.run(cell, x, h0, steps=6, algo=algo, mu=0.3)
     taped = {"rbp": 1, "bptt": 6}[algo.removeprefix("c-")]
-    assert calls == [False] * (6 - taped) + [True] * taped and torch.equal(state, ref)
-    assert torch.equal(penalty, ref_penalty)
+    assert calls == [False] * (6 - taped) + [True] * taped and torch.allclose(state, ref, rtol=1e-14, atol=0)
+    assert torch.allclose(penalty, ref_penalty, rtol=1e-12, atol=0) and (penalty > 0) == algo.startswith("c-")
+    DenseByHand.backward_calls = 0
     loss, ref_loss = (state * r).sum() + 10 * penalty, (ref * r).sum() + 10 * ref_penalty
     for a, b in zip(grads(loss, cell, x), grads(ref_loss, cell, x)):
-        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+        assert rel(a, b) < 1e-12
+    # every Neumann term went through the fast cell's backward, then one more for the parameters
+    assert DenseByHand.backward_calls == (len(stats.neumann_norms) if taped == 1 else 6)
+
+
+def dense_vjp(cell):
+    """v^T dF/dh by hand for Dense: F = tanh(W h + U x + b), so v^T dF/dh = (v . (1 - F^2)) W."""
+    return lambda h, x, v: (v * (1 - cell(h, x) ** 2)) @ cell.W
+
+
+@pytest.mark.parametrize("algo", ["rbp", "c-rbp", "bptt", "c-bptt"])
+def test_vjp_option_gives_the_same_penalty_and_gradients(algo):
+    cell, x, h0, r = dense_setup(rho=0.95)
+    ref, ref_penalty, ref_stats = crbp.run(cell, x, h0, steps=8, algo=algo, mu=0.3)
+    state, penalty, stats = crbp.run(cell, x, h0, steps=8, algo=algo, mu=0.3, vjp=dense_vjp(cell))
+    assert torch.equal(state, ref) and torch.allclose(penalty, ref_penalty, rtol=1e-12, atol=0)
+    assert (penalty > 0) == algo.startswith("c-")
+    loss, ref_loss = (state * r).sum() + 10 * penalty, (ref * r).sum() + 10 * ref_penalty
+    for a, b in zip(grads(loss, cell, x), grads(ref_loss, cell, x)):
+        assert rel(a, b) < 1e-10
+    assert (stats.neumann_terms, stats.neumann_stop) == (ref_stats.neumann_terms, ref_stats.neumann_stop)
+
+
+def test_vjp_option_on_a_tuple_state_through_torch_func():
+    cell, (_, x, _, r) = TupleCell(), dense_setup()
+    h0 = (torch.zeros(B, D), torch.zeros(B, D))
+    vjp = lambda h, x, v: torch.func.vjp(lambda h: cell(h, x), h)[1](v)[0]
+    for algo in ("c-rbp", "c-bptt"):
+        (h, c), penalty, _ = crbp.run(cell, x, h0, steps=6, algo=algo, mu=0.05, vjp=vjp)
+        (hr, cr), ref_penalty, _ = crbp.run(cell, x, h0, steps=6, algo=algo, mu=0.05)
+        assert ref_penalty > 0 and torch.allclose(penalty, ref_penalty, rtol=1e-12, atol=0)
+        got = grads((h * r).sum() + c.sum() + penalty, cell, x)
+        for a, b in zip(got, grads((hr * r).sum() + cr.sum() + ref_penalty, cell, x)):
+            assert rel(a, b) < 1e-10
 
 
 def test_bf16_autocast_accumulates_in_float32_and_stays_close():
@@ -385,16 +486,13 @@ def test_bf16_autocast_accumulates_in_float32_and_stays_close():
     (dict(steps=1, algo="rbp"), "needs steps >= 2"),
     (dict(algo="tbptt"), "needs truncate"),
     (dict(algo="tbptt", truncate=9), "needs truncate"),
-    (dict(algo="bptt", truncate=2), "only used by tbptt"),
+    (dict(algo="bptt", truncate=2), "truncate is for tbptt"),
     (dict(mu=1.0), r"mu must be a number in \[0, 1\)"),
     (dict(mu=-0.1), r"mu must be"),
     (dict(neumann_steps=-1), "neumann_steps"),
     (dict(tol=-1), "tol"),
     (dict(grad_cap=0), "grad_cap"),
     (dict(nonfinite="ignore"), "nonfinite"),
-    (dict(on_step=3), "on_step"),
-    (dict(fast_cell="fast"), "fast_cell"),
-    (dict(neuman_steps=5), "did you mean 'neumann_steps'"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     cell, x, h0, _ = dense_setup()
@@ -405,8 +503,8 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 
 def test_bad_cells_and_states_raise_value_error():
     cell, x, h0, _ = dense_setup()
-    with pytest.raises(ValueError, match="callable"):
-        crbp.run("cell", x, h0, steps=3)
+    with pytest.raises(TypeError, match="neuman_steps"):  # a misspelled option: Python says which
+        crbp.run(cell, x, h0, steps=3, neuman_steps=5)
     with pytest.raises(ValueError, match="h0 must be"):
         crbp.run(cell, x, [1.0], steps=3)
     with pytest.raises(ValueError, match="h0 must be"):
