@@ -197,7 +197,7 @@ def linearize(cell, h, z, spectra=None):
 def adjoint(cell, factors, v, spectra=None):
     """v^T dF/dh from linearize()'s factors: the chain rule of the step, run backwards from H_t to H."""
     a_h, a_g2, a_s, a_c2, q2_hat, k2, s_c1, s_h, q1_hat, k1, g1, m_g1 = factors
-    #   dS = dt dt/dS + U2^T (dG2) + W_exc^T BN_exc^T(dC2)
+    #   dS = direct (dH~/dS) + U2^T (through G2) + W_exc^T BN_exc^T (through C2)
     ds = v * a_s + _gate_adjoint(cell.u2, v * a_g2) + horizontal(cell, _bn_adjoint(v * a_c2, q2_hat, k2), 1,
                                                                  spectra, adjoint=True)
     #   dM = W_inh^T BN_inh^T(dC1),   M = H . G1
@@ -222,14 +222,15 @@ class StepVJP:
 
     def __init__(self, linearize, adjoint):
         self.linearize, self.adjoint = linearize, adjoint
-        self._key = self._factors = None
+        self._key = self._held = self._factors = None
 
     def __call__(self, h, x, v):
-        key = (h, x, h.data_ptr(), x.data_ptr(), h._version, x._version)  # holds h, x: same data while it lives
-        same = self._key is not None and all(a is b or a == b for a, b in zip(key[2:], self._key[2:]))
-        if torch.is_grad_enabled() or not same:
+        # The same (h, x) data: same memory, shape and strides, not changed in place (their versions), and
+        # held here, so that their memory cannot be reused by another tensor meanwhile.
+        key = [(z.data_ptr(), z.shape, z.stride(), z._version) for z in (h, x)]
+        if torch.is_grad_enabled() or key != self._key:
             factors = self.linearize(h, x)[1]  # with grad when asked: the LCP trains through them
-            self._key, self._factors = key, [f.detach() for f in factors]
+            self._key, self._held, self._factors = key, (h, x), [f.detach() for f in factors]
         else:
             factors = self._factors
         return self.adjoint(factors, v)
