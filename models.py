@@ -254,10 +254,17 @@ class HGRUCell(nn.Module):
         return fastpath.linearize(self, h, z, self._spectra(z, spectra))
 
     def adjoint(self, factors, v, spectra=None):
+        """v^T dF/dh from linearize()'s factors (spectra=None: the adjoint convolutions by F.conv_transpose2d)."""
         return fastpath.adjoint(self, factors, v, spectra)
 
     def _spectra(self, z, spectra):
         return spectra if spectra is not None or self.conv == "direct" else fastpath.hgru_spectra(self, z)
+
+    def _horizontal(self, a, i, spectra):
+        """W * a for W = (W_inh, W_exc)[i], E x E: F.conv2d, or fft_conv through the run's kernel spectra."""
+        if spectra is None:
+            return F.conv2d(a, (self.w_inh, self.w_exc)[i], padding=self.pad)
+        return fastpath.fft_conv(a, spectra[i], spectra.size)
 
     def forward(self, h, z, spectra=None):
         sp = F.softplus  # the rectifier [.]_+ of the paper is softplus (beta 1)
@@ -266,12 +273,12 @@ class HGRUCell(nn.Module):
         #   G1 = sigmoid(U1 * H + b1);   C1 = BN(W_inh * (H . G1))
         #   S  = sp(Z - sp(C1 . (alpha H + mu)))
         g1 = torch.sigmoid(self.u1(h))
-        c1 = self.bn_inh(fastpath.horizontal(self, h * g1, 0, spectra))
+        c1 = self.bn_inh(self._horizontal(h * g1, 0, spectra))
         s = sp(z - sp(c1 * (self.alpha * h + self.mu)))
         # Stage 2, facilitation:
         #   G2 = sigmoid(U2 * S + b2);   C2 = BN(W_exc * S)
         g2 = torch.sigmoid(self.u2(s))
-        c2 = self.bn_exc(fastpath.horizontal(self, s, 1, spectra))
+        c2 = self.bn_exc(self._horizontal(s, 1, spectra))
         if self.form == "code":
             #   H~  = sp(kappa S + gamma C2 + omega S . C2)
             #   H_t = sp((1 - G2) . H + G2 . H~)       code vs paper: the SI has no softplus here
