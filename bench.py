@@ -1,65 +1,77 @@
 """Training throughput of the paper's Pathfinder hGRU under each algorithm, on one GPU: `make bench`.
 
 One training step = forward + focal loss + LCP + backward + Adam on a batch, plus that batch's share of
-rendering the data (train.py renders chunks of train.RENDER_CHUNK images on the GPU; one chunk is timed and
-its cost split over its batches). The paper config: 150 x 150 PF-14 seg, 25 channels, 15 x 15 kernels,
-15 Neumann terms, mu 0.9. Each row is the median of --repeats timed steps after --warmup steps
-(torch.cuda.synchronize around each step), with the peak memory of those steps, the Neumann terms used,
-and the relative error of the benchmarked path's parameter gradient against the plain path in true float32
-(TF32 off) on the same weights and batch. The last column is the ratio to the paper code's throughput on
-one H100 80GB (PyTorch 2.11, same config).
+rendering the data (train.py renders chunks of RENDER_CHUNK images on the GPU; one chunk is timed and its
+cost split over its batches). The paper config: 150 x 150 PF-14 seg, 25 channels, 15 x 15 kernels, 15
+Neumann terms, mu 0.9. Every config runs on both paths in the same process, so that each speed is a ratio
+to the plain path measured on the same GPU a moment before:
 
-    python bench.py                   # the plain path (cuDNN convs, eager), every config of the anchor table
-    python bench.py --fast            # FFT convs with reused kernel spectra + the compiled cell
-    python bench.py --fast --configs c-rbp:20:32 bptt:6:32 --repeats 10
-    python bench.py --fast --profile  # where a C-RBP step's time goes
+    plain   cuDNN convolutions, eager, autograd for the Neumann terms and the LCP (the readers' reference)
+    fast    FFT convolutions with the kernel spectra reused, the compiled cell for every step, and the
+            compiled explicit VJP (fastpath.py) for every Neumann term and for the LCP
+
+Each row is the median of --repeats timed steps after --warmup steps (torch.cuda.synchronize around each),
+with the peak memory of those steps, the Neumann terms used, and the relative error of the path's parameter
+gradient against the plain path in true float32 (TF32 off) on the same weights and batch. PAPER_H200 is the
+original hgrucleanSEG.py code measured on one H200 (issue 11), printed as a labelled constant column.
+The table also goes to results/bench_<gpu>.json, one record per config and path.
+
+    python bench.py                                   # every config, plain and fast
+    python bench.py --configs c-rbp:20:32 bptt:6:32 --repeats 10
+    python bench.py --paths fast --profile            # where a C-RBP step's time goes on the fast path
 """
 import argparse
+import functools
+import json
+import os
 import statistics
 import time
 
 import torch
 
+import crbp
 import data
+import fastpath
 import models
-import train
+from train import RENDER_CHUNK, focal_loss  # the loss and the renderer's chunk size of the training loop
 
-# (algo, T, batch) -> the paper code's img/s and peak GiB on one H100 80GB, PyTorch 2.11
-PAPER = {("c-rbp", 20, 32): (119, 3.76), ("c-rbp", 20, 128): (140, 14.7), ("c-rbp", 40, 32): (84, 3.69),
-         ("c-rbp", 80, 32): (52, 3.69), ("c-bptt", 6, 32): (239, 9.3), ("bptt", 6, 32): (305, 7.6),
-         ("bptt", 20, 32): (94, 23.5)}
+# (algo, T, batch) -> the paper code's (hgrucleanSEG.py) img/s and peak GiB on one H200, torch 2.11 (issue 11)
+PAPER_H200 = {("c-rbp", 20, 32): (135.7, 3.76), ("c-rbp", 20, 128): (161.7, 14.74), ("c-rbp", 40, 32): (95.2, 3.69),
+              ("c-rbp", 80, 32): (59.6, 3.69), ("c-bptt", 6, 32): (271.0, 9.32), ("bptt", 6, 32): (343.3, 7.58),
+              ("bptt", 20, 32): (105.7, 23.54)}
+CONFIGS = ["c-rbp:20:32", "c-bptt:6:32", "bptt:6:32", "c-rbp:80:32", "c-rbp:20:64", "c-rbp:20:128", "c-rbp:40:32",
+           "bptt:20:32"]
 
 
-def build(args, device, fast=True):
-    """The paper's hGRU; with fast=True, on the levers asked for (--conv fft, --compile)."""
+def build(device, fast):
+    """The paper's hGRU; on the fast path with FFT convolutions and the compiled cell and VJP."""
     torch.manual_seed(0)
-    model = models.build("hgru", conv=args.conv if fast else "direct").to(device)
-    if fast and args.compile:
+    model = models.build("hgru", conv="fft" if fast else "direct").to(device)
+    if fast:
         torch._dynamo.reset()  # each model compiles afresh, so that no config meets dynamo's recompile limit
         model.compile_cell()
     return model
 
 
-def loss_of(model, images, target, algo, T, K, amp):
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        out = model(images, steps=T, algo=algo, neumann_steps=K, mu=0.9)
-    return train.focal_loss(out.logits, target.long()) + (10 * out.penalty if algo.startswith("c-") else 0), out
+def loss_of(model, images, target, algo, T, K):
+    out = model(images, steps=T, algo=algo, neumann_steps=K, mu=0.9)
+    return focal_loss(out.logits, target.long()) + (10 * out.penalty if algo.startswith("c-") else 0), out
 
 
-def grad_error(algo, T, batch, device, args):
-    """Relative error of the benchmarked path's parameter gradient against the plain path in true float32
-    (F.conv2d with TF32 off), same weights and batch."""
+def grad_error(algo, T, batch, device, fast, K):
+    """Relative error of a path's parameter gradient against the plain path in true float32 (F.conv2d with
+    TF32 off), same weights and batch; and whether both Neumann series stopped alike."""
     images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=12345)
     grads, terms = [], []
-    for fast in (False, True):
-        torch.backends.cudnn.allow_tf32 = fast  # the reference without TF32; the fast path as benchmarked
-        model = build(args, device, fast)
-        loss, out = loss_of(model, images, target, algo, T, args.neumann_steps, amp=fast and args.amp)
+    for path_fast, tf32 in ((False, False), (fast, True)):
+        torch.backends.cudnn.allow_tf32 = tf32  # the reference without TF32; the path as benchmarked
+        model = build(device, path_fast)
+        loss, out = loss_of(model, images, target, algo, T, K)
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
         terms.append((out.stats.neumann_terms, out.stats.neumann_stop))
     torch.backends.cudnn.allow_tf32 = True
     if terms[0] != terms[1]:  # a stop rule decided differently: the two gradients are different sums
-        print(f"  note: Neumann series of the reference and the benchmarked path stopped differently: {terms}")
+        print(f"  note: the Neumann series of the reference and the benchmarked path stopped differently: {terms}")
     return ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
 
 
@@ -77,110 +89,150 @@ def cuda_ms(fn, warmup, repeats):
     return statistics.median(times)
 
 
-def bench(algo, T, batch, args, device, render_ms):
-    """img/s of training steps on one batch, plus the batch's share of rendering a chunk of RENDER_CHUNK
-    images (train.py renders that way); peak GiB; the Neumann terms used; the gradient error."""
-    model = build(args, device)
+def trainer(model, images, target, algo, T, K, stats=None):
+    """One Adam training step on (images, target), as train.py takes it."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=0)
-    stats = []
 
     def step():
-        loss, out = loss_of(model, images, target, algo, T, args.neumann_steps, amp=args.amp)
+        loss, out = loss_of(model, images, target, algo, T, K)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        stats.append(out.stats)
+        if stats is not None:
+            stats.append(out.stats)
+    return step
 
+
+def bench(algo, T, batch, fast, args, device, render_ms):
+    """One record: img/s of training steps plus the batch's share of rendering a chunk of RENDER_CHUNK
+    images (train.py renders that way); peak GiB; the Neumann terms used; the gradient error."""
+    model = build(device, fast)
+    images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=0)
+    stats = []
+    step = trainer(model, images, target, algo, T, args.neumann_steps, stats)
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    ms = cuda_ms(step, args.warmup, args.repeats) + render_ms * batch / train.RENDER_CHUNK
+    ms = cuda_ms(step, args.warmup, args.repeats) + render_ms * batch / RENDER_CHUNK
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    del model, opt
+    del model, step
     terms = [s.neumann_terms for s in stats if s.neumann_terms is not None]
-    err = grad_error(algo, T, min(batch, 32), device, args)
-    return 1e3 * batch / ms, peak, (statistics.median(terms) if terms else None), err
+    err = grad_error(algo, T, min(batch, 32), device, fast, args.neumann_steps) if args.grad_err else None
+    torch.cuda.empty_cache()
+    return dict(algo=algo, T=T, batch=batch, path="fast" if fast else "plain", img_s=1e3 * batch / ms,
+                peak_gib=peak, neumann_terms=statistics.median(terms) if terms else None, grad_err=err)
 
 
-def profile(args, device, batch=32, T=20):
+def profile(args, device, fast, batch=32, T=20, K=15):
     """Where one C-RBP training step's time goes: each phase timed alone (median of 5), then the top CUDA
     kernels of a whole step from torch.profiler."""
-    model = build(args, device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = build(device, fast)
     images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=0)
-
-    def forward(steps, algo, grad):
-        with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
-            return model(images, steps=steps, algo=algo)
-
-    def train_step(algo="c-rbp", K=15):
-        loss, _ = loss_of(model, images, target, algo, T, K, args.amp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    phases = [(f"render {train.RENDER_CHUNK} images (data.pathfinder)",
-               lambda: data.pathfinder(train.RENDER_CHUNK, 14, device=device, seed=1)),
-              ("one step, no grad", lambda: forward(1, "bptt", False)),
-              (f"forward, {T} steps, no grad", lambda: forward(T, "bptt", False)),
-              ("forward rbp (T-1 no-grad steps + taped step)", lambda: forward(T, "rbp", True)),
-              ("forward c-rbp (+ LCP: its VJP with create_graph)", lambda: forward(T, "c-rbp", True)),
-              ("training step rbp, K=0", lambda: train_step("rbp", K=0)),
-              ("training step c-rbp, K=0 (LCP, no Neumann terms)", lambda: train_step(K=0)),
-              ("training step c-rbp, K=15", lambda: train_step())]
-    print(f"\nC-RBP T={T}, batch {batch}: time per phase (ms)")
+    with torch.no_grad():
+        x = model.front(images)
+        extra = model.cell.prepare(x)
+    cell = functools.partial(model.compiled.get("cell", model.cell), **extra)
+    h = torch.rand_like(x)
+    hp = h.detach().requires_grad_()
+    if fast:  # the compiled explicit VJP, as Recurrent hands it to crbp
+        vjp = fastpath.StepVJP(functools.partial(model.compiled["linearize"], **extra),
+                               functools.partial(model.compiled["adjoint"], **extra))
+        lcp = lambda: (vjp(hp, x, torch.ones_like(x)) - 0.9).clamp(min=0).square().mean()  # noqa: E731
+        term = lambda: _no_grad(lambda: vjp(h, x, x))  # noqa: E731
+    else:  # autograd, as crbp does without vjp: double backward for the LCP, the taped step's backward per term
+        lcp = lambda: crbp.lcp(cell(hp, x), hp, 0.9)  # noqa: E731
+        h_next = cell(hp, x)
+        term = lambda: torch.autograd.grad(h_next, hp, x, retain_graph=True)  # noqa: E731
+    phases = [(f"render {RENDER_CHUNK} images (data.pathfinder)",
+               lambda: data.pathfinder(RENDER_CHUNK, 14, device=device, seed=1)),
+              ("one step, no grad", lambda: _no_grad(lambda: cell(h, x))),
+              (f"forward, {T} steps, no grad", lambda: _no_grad(lambda: model(images, steps=T, algo="bptt"))),
+              ("one taped step + its backward", lambda: cell(hp, x).sum().backward()),
+              ("the LCP at one transition + its backward", lambda: lcp().backward()),
+              (f"one Neumann term v^T J (K={K} a step)", term),
+              ("training step c-rbp, K=0 (LCP, no Neumann terms)", trainer(model, images, target, "c-rbp", T, 0)),
+              (f"training step c-rbp, K={K}", trainer(model, images, target, "c-rbp", T, K))]
+    print(f"\nC-RBP T={T}, batch {batch}, {'fast' if fast else 'plain'} path: time per phase (ms)")
     for name, fn in phases:
         print(f"  {name:<52}{cuda_ms(fn, 2, 5):9.2f}", flush=True)
+    step = phases[-1][1]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        train_step()
+        step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=60))
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
+
+
+def table(records):
+    """The bench table: one line per config and path, every speed also as a ratio to the plain path."""
+    plain = {(r["algo"], r["T"], r["batch"]): r["img_s"] for r in records if r["path"] == "plain"}
+    head = (f"{'config':<14}{'batch':>6}{'path':>7}{'img/s':>9}{'x plain':>9}{'peak GiB':>10}{'Neumann':>9}"
+            f"{'grad err':>10}{'paper code H200 img/s (GiB)':>30}")
+    lines = [head]
+    for r in records:
+        key = (r["algo"], r["T"], r["batch"])
+        ratio = r["img_s"] / plain[key] if key in plain else None
+        paper = PAPER_H200.get(key)
+        lines.append(f"{r['algo'] + ' T=' + str(r['T']):<14}{r['batch']:>6}{r['path']:>7}{r['img_s']:>9.1f}"
+                     f"{'-' if ratio is None else f'{ratio:.2f}':>9}{r['peak_gib']:>10.2f}"
+                     f"{'-' if r['neumann_terms'] is None else r['neumann_terms']:>9}"
+                     f"{'-' if r['grad_err'] is None else format(r['grad_err'], '.1e'):>10}"
+                     f"{'-' if paper is None else f'{paper[0]} ({paper[1]})':>30}")
+        r["ratio_to_plain"] = ratio
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="*", default=[f"{a}:{T}:{b}" for a, T, b in PAPER],
-                   help="algo:T:batch, e.g. c-rbp:20:32")
-    p.add_argument("--conv", default="direct", choices=("direct", "fft"),
-                   help="the hGRU's 15x15 convolutions: cuDNN (direct) or FFT with kernel spectra reused")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the cell for every step and Neumann term (model.compile_cell())")
-    p.add_argument("--fast", action="store_true", help="--conv fft --compile, the fastest path measured")
-    p.add_argument("--amp", action="store_true",
-                   help="bf16 autocast (the Neumann sum accumulates in fp32); slower and less exact for this hGRU")
+    p.add_argument("--configs", nargs="*", default=CONFIGS, help="algo:T:batch, e.g. c-rbp:20:32")
+    p.add_argument("--paths", nargs="*", default=["plain", "fast"], choices=("plain", "fast"),
+                   help="which paths to measure (the ratio to plain needs plain)")
     p.add_argument("--neumann-steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, cuDNN autotuning)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported")
+    p.add_argument("--no-grad-err", dest="grad_err", action="store_false", help="skip the gradient check")
     p.add_argument("--profile", action="store_true", help="time each phase of a C-RBP step and list the top kernels")
+    p.add_argument("--profile-rows", type=int, default=15)
+    p.add_argument("--out", default="results", help="folder for bench_<gpu>.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.py measures GPU throughput: run it on a machine with a CUDA GPU")
-    if args.fast:
-        args.conv, args.compile = "fft", True
+    configs = []
+    for cfg in args.configs:
+        algo, T, batch = (cfg.split(":") + ["", "", ""])[:3]
+        if algo not in crbp.ALGOS or not (T.isdigit() and batch.isdigit()):
+            p.error(f"--configs takes algo:T:batch with algo in {crbp.ALGOS}, e.g. c-rbp:20:32; got {cfg!r}")
+        configs.append((algo, int(T), int(batch)))
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    levers = [name for name, on in (("FFT conv", args.conv == "fft"), ("compiled cell", args.compile),
-                                    ("bf16 autocast", args.amp)) if on]
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {' + '.join(levers) or 'plain fp32'} path; "
-          f"median of {args.repeats} steps after {args.warmup} warm-up steps, plus each batch's share of "
-          f"rendering {train.RENDER_CHUNK} images", flush=True)
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, torch {torch.__version__}; median of {args.repeats} steps after {args.warmup} warm-up steps, "
+          f"plus each batch's share of rendering {RENDER_CHUNK} images", flush=True)
     if args.profile:
-        return profile(args, device)
-    render_ms = cuda_ms(lambda: data.pathfinder(train.RENDER_CHUNK, 14, device=device, seed=1), 1, 3)
-    rows = []
-    for cfg in args.configs:
-        algo, T, batch = cfg.split(":")
-        T, batch = int(T), int(batch)
-        ips, peak, terms, err = bench(algo, T, batch, args, device, render_ms)
-        paper = PAPER.get((algo, T, batch))
-        rows.append((f"{algo} T={T}", batch, ips, peak, terms, err, ips / paper[0] if paper else None))
-        print(f"  {cfg}: {ips:.1f} img/s", flush=True)
-        torch.cuda.empty_cache()
-    print(f"\n{'config':<14}{'batch':>6}{'img/s':>9}{'peak GiB':>10}{'Neumann':>9}{'grad err':>10}{'x paper':>9}")
-    for name, b, ips, peak, terms, err, ratio in rows:
-        print(f"{name:<14}{b:>6}{ips:>9.1f}{peak:>10.2f}{'-' if terms is None else terms:>9}{err:>10.1e}"
-              f"{'-' if ratio is None else f'{ratio:.2f}':>9}")
+        for path in args.paths:
+            profile(args, device, path == "fast")
+        return
+    render_ms = cuda_ms(lambda: data.pathfinder(RENDER_CHUNK, 14, device=device, seed=1), 1, 3)
+    os.makedirs(args.out, exist_ok=True)
+    name = os.path.join(args.out, "bench_" + "".join(c if c.isalnum() else "_" for c in gpu.lower()) + ".json")
+    records = []
+    for algo, T, batch in configs:
+        for path in args.paths:
+            records.append(bench(algo, T, batch, path == "fast", args, device, render_ms))
+            print(f"  {algo}:{T}:{batch} {path}: {records[-1]['img_s']:.1f} img/s, "
+                  f"{records[-1]['peak_gib']:.2f} GiB", flush=True)
+            text = table(records)  # written after every record, so that a cut-off run keeps what it measured
+            with open(name, "w") as f:
+                json.dump(dict(gpu=gpu, torch=torch.__version__, render_ms=render_ms, repeats=args.repeats,
+                               warmup=args.warmup,
+                               paper_code_h200=[dict(algo=a, T=T, batch=b, img_s=v[0], peak_gib=v[1])
+                                                for (a, T, b), v in PAPER_H200.items()], records=records), f,
+                          indent=1)
+    print(f"\n{text}\n(written to {name})")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import crbp
+import fastpath
 
 TASKS = {  # input channels, drive width, default steps T and algo (T=20 C-RBP for PF-14; LocRNN code's T)
     "pathfinder-seg": dict(in_channels=1, width=25, steps=20, algo="c-rbp"),
@@ -182,83 +183,6 @@ def _ends(task, channels):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# FFT convolution, for large horizontal kernels (HGRUCell(conv="fft")). A 15 x 15 kernel on 25 channels does
-# 225 multiply-adds per channel pair and pixel; in the frequency domain it is one complex C x C matrix per
-# frequency. The kernel spectra are computed once per run and shared by all T steps and all Neumann terms.
-
-
-def fft_size(n: int, pad: int) -> int:
-    """The smallest length >= n + pad with no prime factor above 7 (cuFFT is fastest on those).
-    n + pad is enough for a 'same' convolution: the circular wrap-around then reads only zero padding."""
-    m = n + pad
-    while True:
-        r = m
-        for p in (2, 3, 5, 7):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return m
-        m += 1
-
-
-def kernel_spectrum(w: torch.Tensor, size) -> torch.Tensor:
-    """Spectrum of the 'same' cross-correlation with w (O x C x E x E, E odd) on the FFT grid size = (n, m),
-    laid out for fft_conv's matrix products: n x (m // 2 + 1) x C x O, complex."""
-    P = w.shape[-1] // 2
-    k = F.pad(_at_least_fp32(w), (0, size[1] - w.shape[-1], 0, size[0] - w.shape[-2]))  # O x C x n x m
-    # Cross-correlation is convolution with the flipped kernel. Roll the kernel's centre to (0, 0), then flip
-    # by conjugating: for real k, FFT(k(-i, -j)) = conj(FFT(k)).
-    K = torch.fft.rfft2(torch.roll(k, (-P, -P), (-2, -1))).conj()  # O x C x n x m'
-    return K.permute(2, 3, 1, 0).contiguous()  # n x m' x C x O
-
-
-def fft_conv(x: torch.Tensor, w_hat: torch.Tensor, size) -> torch.Tensor:
-    """F.conv2d(x, w, padding=E // 2) as rfft2 -> a C x O matrix product per frequency -> irfft2, where
-    w_hat = kernel_spectrum(w, size) and size >= (H + E // 2, W + E // 2). x: B x C x H x W; out float32+."""
-    return _FFTConv.apply(x, w_hat, tuple(size))
-
-
-class _FFTConv(torch.autograd.Function):
-    """fft_conv with its own backward. Autograd through rfft2 and irfft2 is correct but slow: its backward of
-    each real FFT is a full complex FFT plus copies. Here the backward is itself one FFT convolution, because
-    the adjoint of a 'same' cross-correlation with w is the one with w flipped and transposed, whose spectrum
-    is the conjugate transpose W^H. The backward is differentiable (the LCP's double backward needs it)."""
-
-    @staticmethod
-    def forward(ctx, x, w_hat, size):
-        ctx.size = size
-        ctx.save_for_backward(x, w_hat)
-        return _fft_correlate(x, w_hat, size)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w_hat = ctx.saved_tensors
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            #   dL/dx = W^T * g: the same correlation with the adjoint spectrum W^H (a conjugate-transposed view)
-            gx = _FFTConv.apply(g, w_hat.conj().transpose(-1, -2), ctx.size).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            # dL/dW^ in autograd's convention for y = irfft2(X W^): X^H (the irfft2 adjoint of g), where that
-            # adjoint is rfft2(g) / N with the columns that stand for two conjugate frequencies counted twice.
-            n, m = ctx.size
-            g = _at_least_fp32(g)
-            v = torch.arange(m // 2 + 1, device=g.device)
-            twice = ((v > 0) & (2 * v < m)).to(g.dtype) + 1  # 1 for column 0 (and m/2 when m is even)
-            G = torch.fft.rfft2(g, s=ctx.size).permute(2, 3, 0, 1) * (twice[:, None, None] / (n * m))
-            X = torch.fft.rfft2(_at_least_fp32(x), s=ctx.size).permute(2, 3, 0, 1)  # n x m' x B x C
-            gw = X.conj().transpose(-1, -2) @ G  # n x m' x C x O, summed over the batch
-        return gx, gw, None
-
-
-def _fft_correlate(x, w_hat, size):
-    H, W = x.shape[-2:]
-    X = torch.fft.rfft2(_at_least_fp32(x), s=size).permute(2, 3, 0, 1)  # n x m' x B x C, x zero-padded
-    #   Y(f) = X(f) W^(f): a C x O complex matrix product at every frequency f
-    Y = (X @ w_hat).permute(2, 3, 0, 1)  # B x O x n x m'
-    return torch.fft.irfft2(Y, s=size)[..., :H, :W]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Recurrent cells: forward(h, x) -> h_next, the interface of crbp.run; init_state(x) -> h_0
 
 
@@ -278,8 +202,8 @@ class HGRUCell(nn.Module):
                place, so it never applied); "log" = the intended chronos init b1 = log U(1, 7).
     form:      "code" (default) or "supplement": SI §3.1's stage 2, one nu on (C2 + S) instead of kappa and
                gamma, and no softplus on the new state. Its nu starts at 1.0 (gamma's init; the SI gives none).
-    conv:      "direct" (default, F.conv2d) or "fft": the same function through fft_conv, with the kernel
-               spectra computed once per run by prepare(z) (float32 or wider; 2x faster for E = 15 on a GPU).
+    conv:      "direct" (default, F.conv2d) or "fft": the same function through fastpath.fft_conv, with the
+               kernel spectra computed once per run by prepare(z) (float32 or wider; faster for large E).
     """
 
     def __init__(self, channels: int = 25, kernel: int = 15, *, bias_init: str = "trained", form: str = "code",
@@ -321,31 +245,42 @@ class HGRUCell(nn.Module):
     def prepare(self, z) -> dict:
         """Keyword arguments for every step of a run on drive z (Recurrent calls this once per forward):
         with conv="fft", the spectra of W_inh and W_exc, so that no step or Neumann term recomputes them."""
-        if self.conv == "direct":
-            return {}
-        size = tuple(fft_size(n, self.pad) for n in z.shape[-2:])
-        return {"spectra": (kernel_spectrum(self.w_inh, size), kernel_spectrum(self.w_exc, size), size)}
+        return {} if self.conv == "direct" else {"spectra": fastpath.hgru_spectra(self, z)}
 
-    def _horizontal(self, a, w, spectra, i):
-        """W * a with an E x E kernel: directly, or through the i-th precomputed spectrum."""
+    def vjp(self, h, z, v, spectra=None):
+        """v^T dF(h, z)/dh, written out (fastpath.vjp_h): crbp.run's vjp= for the Neumann terms and the LCP."""
+        return fastpath.vjp_h(self, h, z, v, self._spectra(z, spectra))
+
+    def linearize(self, h, z, spectra=None):
+        """(F(h, z), the factors of dF/dh), for adjoint(); the two halves of vjp (fastpath.StepVJP)."""
+        return fastpath.linearize(self, h, z, self._spectra(z, spectra))
+
+    def adjoint(self, factors, v, spectra=None):
+        """v^T dF/dh from linearize()'s factors (spectra=None: the adjoint convolutions by F.conv_transpose2d)."""
+        return fastpath.adjoint(self, factors, v, spectra)
+
+    def _spectra(self, z, spectra):
+        return spectra if spectra is not None or self.conv == "direct" else fastpath.hgru_spectra(self, z)
+
+    def _horizontal(self, a, i, spectra):
+        """W * a for W = (W_inh, W_exc)[i], E x E: F.conv2d, or fft_conv through the run's kernel spectra."""
         if spectra is None:
-            return F.conv2d(a, w, padding=self.pad)
-        return fft_conv(a, spectra[i], spectra[2])
+            return F.conv2d(a, (self.w_inh, self.w_exc)[i], padding=self.pad)
+        return fastpath.fft_conv(a, spectra[i], spectra.size)
 
     def forward(self, h, z, spectra=None):
         sp = F.softplus  # the rectifier [.]_+ of the paper is softplus (beta 1)
-        if self.conv == "fft" and spectra is None:
-            spectra = self.prepare(z)["spectra"]
+        spectra = self._spectra(z, spectra)
         # Stage 1, suppression:
         #   G1 = sigmoid(U1 * H + b1);   C1 = BN(W_inh * (H . G1))
         #   S  = sp(Z - sp(C1 . (alpha H + mu)))
         g1 = torch.sigmoid(self.u1(h))
-        c1 = self.bn_inh(self._horizontal(h * g1, self.w_inh, spectra, 0))
+        c1 = self.bn_inh(self._horizontal(h * g1, 0, spectra))
         s = sp(z - sp(c1 * (self.alpha * h + self.mu)))
         # Stage 2, facilitation:
         #   G2 = sigmoid(U2 * S + b2);   C2 = BN(W_exc * S)
         g2 = torch.sigmoid(self.u2(s))
-        c2 = self.bn_exc(self._horizontal(s, self.w_exc, spectra, 1))
+        c2 = self.bn_exc(self._horizontal(s, 1, spectra))
         if self.form == "code":
             #   H~  = sp(kappa S + gamma C2 + omega S . C2)
             #   H_t = sp((1 - G2) . H + G2 . H~)       code vs paper: the SI has no softplus here
@@ -576,18 +511,17 @@ class Recurrent(nn.Module):
         self.algo = TASKS[task]["algo"] if algo is None else algo
         _check_int("steps", self.steps, 1)
         _check_choice("algo", self.algo, crbp.ALGOS)
-        self.compiled_cell = None
+        self.compiled = {}
 
     def compile_cell(self, **options):
-        """Run every step through torch.compile(self.cell, **options) from now on (crbp's fast_cell): fused
-        elementwise work for the steps and for the Neumann terms' VJPs. Same parameters and state_dict."""
-        # The Neumann series runs the compiled backward again and again (retain_graph=True), which compiled code
-        # refuses when it may reuse ("donate") its saved buffers; that optimisation is off (torch >= 2.5).
-        import torch._functorch.config as aot_config
-        if hasattr(aot_config, "donated_buffer"):
-            aot_config.donated_buffer = False
-        options = {"dynamic": False, **options}  # a graph per shape (train, eval batch): no slower dynamic kernels
-        object.__setattr__(self, "compiled_cell", torch.compile(self.cell, **options))  # not a submodule
+        """The fast path: from now on run every step through torch.compile(self.cell, **options) (crbp's
+        fast_cell), and, for cells with an explicit VJP (HGRUCell.linearize / adjoint), the Neumann terms and
+        the LCP through that compiled VJP (crbp's vjp) instead of autograd. Same parameters and state_dict."""
+        compiled = {"cell": fastpath.compile(self.cell, **options)}
+        if hasattr(self.cell, "linearize"):
+            compiled["linearize"] = fastpath.compile(self.cell.linearize, **options)
+            compiled["adjoint"] = fastpath.compile(self.cell.adjoint, **options)
+        object.__setattr__(self, "compiled", compiled)  # not submodules: the state_dict stays the cell's
         return self
 
     def forward(self, images, steps=None, algo=None, per_step=False, **crbp_options) -> Output:
@@ -616,13 +550,14 @@ class Recurrent(nn.Module):
             crbp_options["on_step"] = on_step
         elif user_on_step is not None:
             crbp_options["on_step"] = user_on_step
-        cell, fast_cell = self.cell, crbp_options.pop("fast_cell", self.compiled_cell)
-        if hasattr(cell, "prepare"):  # per-run work of the cell (the hGRU's kernel spectra), done once here
-            extra = cell.prepare(x)
-            if extra:
-                cell = functools.partial(cell, **extra)
-                fast_cell = None if fast_cell is None else functools.partial(fast_cell, **extra)
-        state, penalty, stats = crbp.run(cell, x, h0, steps=steps, algo=algo, fast_cell=fast_cell, **crbp_options)
+        extra = self.cell.prepare(x) if hasattr(self.cell, "prepare") else {}  # per run (the hGRU's spectra)
+        cell = functools.partial(self.cell, **extra) if extra else self.cell
+        if "cell" in self.compiled:  # the fast path (compile_cell)
+            crbp_options.setdefault("fast_cell", functools.partial(self.compiled["cell"], **extra))
+        if "linearize" in self.compiled:  # one StepVJP per run: it keeps this run's Jacobian factors
+            crbp_options.setdefault("vjp", fastpath.StepVJP(functools.partial(self.compiled["linearize"], **extra),
+                                                            functools.partial(self.compiled["adjoint"], **extra)))
+        state, penalty, stats = crbp.run(cell, x, h0, steps=steps, algo=algo, **crbp_options)
         return Output(self.readout(_first(state)), penalty, stats, record if per_step else None)
 
 
@@ -808,10 +743,6 @@ def load(path, device="cpu") -> nn.Module:
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _at_least_fp32(z):
-    return z.to(torch.promote_types(z.dtype, torch.float32))  # cuFFT has no bf16; float64 stays float64
 
 
 def _first(h):

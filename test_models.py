@@ -298,62 +298,6 @@ def test_hgru_init_table():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The FFT path (HGRUCell(conv="fft")) computes the same function as F.conv2d, with the same derivatives
-
-
-@pytest.mark.parametrize("H, W, E", [(13, 9, 3), (20, 31, 5), (9, 10, 7), (16, 16, 15)])
-def test_fft_conv_equals_conv2d_to_second_order(H, W, E):
-    g = torch.Generator().manual_seed(0)
-    x, x2 = (torch.randn(2, 4, H, W, generator=g, dtype=torch.float64) for _ in range(2))
-    w = torch.randn(3, 4, E, E, generator=g, dtype=torch.float64)
-    r = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
-    size = tuple(models.fft_size(n, E // 2) for n in (H, W))
-    assert all(m >= n + E // 2 for m, n in zip(size, (H, W)))  # even and odd grid lengths among the cases
-    results = []
-    for fft in (True, False):
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = models.fft_conv(xg, models.kernel_spectrum(wg, size), size) if fft else F.conv2d(xg, wg, padding=E // 2)
-        gx, gw = torch.autograd.grad((y * r).sum(), (xg, wg), create_graph=True)  # the custom backward
-        second = torch.autograd.grad((gx * x2).sum() + gw.square().sum(), (xg, wg))  # and its own backward
-        results.append((y, gx, gw) + second)
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("algo", ["c-rbp", "c-bptt"])
-def test_hgru_fft_equals_direct_with_the_lcp(algo):
-    grads = []
-    for conv in ("direct", "fft"):
-        torch.manual_seed(0)
-        model = models.build("hgru", conv=conv, kernel=5).double()
-        randomize(model.cell)
-        x = images("pathfinder-seg").double()
-        out = model(x, steps=4, algo=algo, mu=0.0)  # mu = 0: a non-zero penalty, whose gradient is checked too
-        assert out.penalty > 0
-        grads.append(torch.autograd.grad(out.logits.square().mean() + 10 * out.penalty, list(model.parameters())))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("algo", ["c-rbp", "bptt"])
-def test_cuda_compiled_fft_cell_matches_the_plain_path(algo):
-    dev, grads, tf32 = torch.device("cuda"), [], torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # the reference in true float32
-    for fast in (False, True):
-        torch.manual_seed(0)
-        model = models.build("hgru", conv="fft" if fast else "direct").to(dev)
-        if fast:
-            model.compile_cell()
-        x = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0)).to(dev)
-        out = model(x, steps=8, algo=algo, mu=0.0)
-        loss = out.logits.square().mean() + 10 * out.penalty
-        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
-    torch.backends.cudnn.allow_tf32 = tf32
-    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-4
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Per-step readouts
 
 
