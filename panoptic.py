@@ -644,10 +644,12 @@ def parse_args(argv=None):
         path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(path):
             p.error(f"--resume {args.resume}: no config.json there; pass a run directory panoptic.py wrote")
-        keep = {"device": args.device, "until_minutes": args.until_minutes, "eval_images": args.eval_images}
-        args = argparse.Namespace(**{**vars(args), **json.load(open(path)), **keep, "out": args.resume,
-                                     "resume": args.resume})
-        return args
+        # a resume may change where it runs, when it stops and how it is evaluated, not what it trains
+        given = {k: v for k, v in vars(args).items() if v != p.get_default(k)}
+        changed = sorted(set(given) - {"resume", "device", "until_minutes", "eval_images", "eval_steps"})
+        if changed:
+            p.error(f"--resume continues the run in its config.json; it does not take --{changed[0].replace('_', '-')}")
+        return argparse.Namespace(**{**vars(args), **json.load(open(path)), **given, "out": args.resume})
     if args.head not in HEADS:
         p.error(f"--head must be one of {HEADS}, got {args.head!r}")
     if args.head == "conv4":
