@@ -283,6 +283,9 @@ def pq_stats(gt, gt_cats, pred, pred_cats, categories, gt_crowd=None):
     g_ok = (g_area > 0) & (torch.arange(G, device=gt.device) > 0)  # real GT segments
     p_ok = (p_area > 0) & (torch.arange(P, device=gt.device) > 0)
     gc, pc = gt_cats.long(), pred_cats.long()
+    for ok, c, what in ((g_ok, gc, "gt"), (p_ok, pc, "pred")):
+        if bool((ok & ((c < 0) | (c >= categories))).any()):
+            raise ValueError(f"every {what} segment with pixels needs a category in [0, {categories}) in {what}_cats")
     union = p_area[:, None] + g_area[:, :, None] - inter - void_p[:, None]
     iou = inter / union.clamp_min(1e-12)
     match = ((iou > 0.5) & (gc[:, :, None] == pc[:, None]) & (g_ok & ~crowd)[:, :, None] & p_ok[:, None])
@@ -674,7 +677,8 @@ def parse_args(argv=None):
         p.error(f"--size must be a multiple of 8 and >= 32, got {args.size}")
     if args.channels % 4 or args.channels < 4:
         p.error(f"--channels must be a multiple of 4, got {args.channels}")
-    args.out = args.out or os.path.join("runs", f"panoptic-{args.head}-{args.algo}-T{args.steps}-s{args.seed}")
+    default = "panoptic" if args.experiment or args.memory else f"panoptic-{args.head}-{args.algo}-T{args.steps}-s{args.seed}"
+    args.out = args.out or os.path.join("runs", default)
     return args
 
 
@@ -850,40 +854,23 @@ def memory_profile(args):
     return out
 
 
-def experiment(args, argv):
-    """Every model of EXPERIMENT x SEEDS under args.out, sequentially; then the table and the figures."""
-    root = args.out
-    passthrough = [a for a in argv if a not in ("--experiment",)]
-    passthrough = _drop_options(passthrough, ("--out", "--head", "--algo", "--steps", "--seed"))
+def experiment(args):
+    """Every model of EXPERIMENT x SEEDS under args.out, one after the other; finished runs are skipped and
+    stopped ones resumed, so the same command continues an interrupted experiment. Then the table and figure."""
+    deadline = time.time() + 60 * args.until_minutes if args.until_minutes else None
     for head, algo, T in EXPERIMENT:
         for seed in SEEDS:
-            run = os.path.join(root, f"{head}-{algo}-T{T}-s{seed}")
+            run = os.path.join(args.out, f"{head}-{algo}-T{T}-s{seed}")
             if _final(run) is not None:
                 continue
+            cfg = {**vars(args), "head": head, "algo": algo, "steps": min(T, 3) if args.dry_run else T, "seed": seed,
+                   "out": run, "resume": None, "experiment": False}
             if os.path.isfile(os.path.join(run, "checkpoint.pt")):
-                train(parse_args(["--resume", run] + [a for a in passthrough if a.startswith("--until")]))
-            else:
-                opts = ["--head", head, "--seed", str(seed), "--out", run]
-                opts += ["--algo", algo, "--steps", str(T)] if head == "hgru" else []
-                train(parse_args(opts + passthrough))
-            if args.until_minutes:
-                return print("stopped after one run (--until-minutes); run the same command again to continue")
-    summarize(root)
-
-
-def _drop_options(argv, names):
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in names:
-            skip = True
-            continue
-        if a.split("=")[0] in names:
-            continue
-        out.append(a)
-    return out
+                cfg.update(json.load(open(os.path.join(run, "config.json"))), resume=run, out=run)
+            cfg["until_minutes"] = None if deadline is None else max(1e-9, (deadline - time.time()) / 60)
+            if train(argparse.Namespace(**cfg)) is None:
+                return print("experiment stopped (--until-minutes); run the same command again to continue")
+    return summarize(args.out)
 
 
 def _final(run):
@@ -918,17 +905,13 @@ def summarize(root):
 
 
 def main(argv=None):
-    import sys
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.show:
         return print(show(args.show, args))
     if args.memory:
-        args.out = args.out if "--out" in " ".join(argv) else "runs/panoptic"
         return memory_profile(args)
     if args.experiment:
-        args.out = args.out if "--out" in " ".join(argv) else "runs/panoptic"
-        return experiment(args, argv)
+        return experiment(args)
     return train(args)
 
 

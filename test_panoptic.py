@@ -392,3 +392,13 @@ def test_into_torchvision():
     with torch.no_grad():
         out = model(list(batch["image"]))
     assert "masks" in out[0]
+
+
+def test_experiment_dry_run_writes_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "EXPERIMENT", [("conv4", "bptt", 1), ("hgru", "c-rbp", 5)])
+    monkeypatch.setattr(P, "SEEDS", (0,))
+    out = str(tmp_path / "exp")
+    lines = P.main(["--experiment", "--dry-run", "--out", out])
+    assert len(lines) == 4 and lines[2].startswith("| conv4") and lines[3].startswith("| hgru | c-rbp | 5")
+    assert os.path.isfile(os.path.join(out, "table.md")) and os.path.isfile(os.path.join(out, "per_step.svg"))
+    assert P.main(["--experiment", "--dry-run", "--out", out]) == lines  # finished runs are not trained again
