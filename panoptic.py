@@ -211,6 +211,9 @@ class MaskHead(nn.Module):
 
     def forward(self, x, steps=None, per_step=False):
         """Mask logits (K, classes, 2h, 2w); with per_step=True also the list of readouts after t = 1..T."""
+        if per_step and self.training:
+            raise ValueError("per_step is for evaluation: call .eval() first (in train mode every per-step readout "
+                             "would update the BatchNorm running statistics)")
         readouts = []
         on_step = (lambda t, h: readouts.append(self.readout(h))) if per_step else None
         logits = self.readout(self.stack(x, steps, on_step))
@@ -323,6 +326,9 @@ def pq_summary(stats, things=range(len(THINGS))):
         sel = sel.to(stats.device) & present
         for name, v in (("pq", pq), ("sq", sq), ("rq", rq)):
             out[name + suffix] = 100 * v[sel].mean().item() if sel.any() else float("nan")
+    if len(stats) == len(THINGS + STUFF):  # this task's categories one by one
+        out.update({f"pq_{name}": 100 * pq[c].item() if present[c] else float("nan")
+                    for c, name in enumerate(THINGS + STUFF)})
     return out
 
 
@@ -797,7 +803,7 @@ def report(model, args, device):
     sheet = torch.cat([batch["image"].cpu(), colorize(batch["pan"]), colorize(pan)], 0)  # rows: image, GT, pred
     figures.write_png(os.path.join(args.out, "predictions.png"), figures.grid(sheet, cols=4, zoom=2))
     print(f"held-out ({args.eval_images} images) at T={args.steps}: " + "  ".join(
-        f"{k} {final[k]:.2f}" for k in ("pq", "pq_th", "pq_st", "sq_th", "rq_th")))
+        f"{k} {final[k]:.2f}" for k in ("pq", "pq_th", "pq_st", "sq_th", "rq_th", "pq_curve", "pq_blob")))
     print("per-step PQ: " + "  ".join(f"t={t}: {curve[t - 1]['pq']:.2f}" for t in sorted({1, args.steps, 2 * args.steps,
                                                                                           T}) if t <= T))
     print(f"figures and metrics in {args.out}")
@@ -883,7 +889,7 @@ def _final(run):
 
 def summarize(root):
     """table.md (mean +- s.d. over seeds of PQ, PQ_th, PQ_st, SQ_th at the trained T) and per_step.svg."""
-    lines = ["| head | algo | T | PQ | PQ_th | PQ_st | SQ_th | seeds |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| head | algo | T | PQ | PQ_th | PQ_st | SQ_th | PQ curves | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for head, algo, T in EXPERIMENT:
         finals = [f for f in (_final(os.path.join(root, f"{head}-{algo}-T{T}-s{s}")) for s in SEEDS) if f]
@@ -892,7 +898,7 @@ def summarize(root):
         cell = lambda k: (f"{statistics.mean(f['final'][k] for f in finals):.2f} ± "
                           f"{statistics.pstdev([f['final'][k] for f in finals]):.2f}")
         lines.append(f"| {head} | {algo if head == 'hgru' else '-'} | {T} | {cell('pq')} | {cell('pq_th')} | "
-                     f"{cell('pq_st')} | {cell('sq_th')} | {len(finals)} |")
+                     f"{cell('pq_st')} | {cell('sq_th')} | {cell('pq_curve')} | {len(finals)} |")
         per = [f["per_step_pq"] for f in finals]
         n = min(len(p) for p in per)
         curves[f"{head} {algo} T={T}" if head == "hgru" else "conv4"] = (
