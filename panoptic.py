@@ -71,9 +71,9 @@ def roi_align(input, rois, output_size, spatial_scale=1.0, sampling_ratio=2, ali
     rw, rh = (rois[:, 3] - rois[:, 1]) * spatial_scale, (rois[:, 4] - rois[:, 2]) * spatial_scale
     if not aligned:
         rw, rh = rw.clamp_min(1), rh.clamp_min(1)
-    s = torch.stack([torch.ceil(rh / PH), torch.ceil(rw / PW)], 1).long().clamp_min(1)  # (K, 2)
-    out = input.new_zeros(K, C, PH, PW)
-    for sh, sw in torch.unique(s, dim=0).tolist():
+    s = torch.stack([torch.ceil(rh / PH), torch.ceil(rw / PW)], 1).long()  # (K, 2)
+    out = input.new_zeros(K, C, PH, PW)  # an empty aligned RoI has no samples: zeros, as the kernel
+    for sh, sw in torch.unique(s[(s > 0).all(1)], dim=0).tolist():
         idx = ((s[:, 0] == sh) & (s[:, 1] == sw)).nonzero()[:, 0]
         out = out.index_put((idx,), _roi_align(input, rois[idx], PH, PW, spatial_scale, sh, sw, aligned))
     return out

@@ -53,7 +53,7 @@ def roi_align_reference(feat, rois, ph, pw, scale, ratio, aligned):
         bins = []
         for i in range(ph):
             for j in range(pw):
-                acc = 0
+                acc = feat[b][:, 0, 0] * 0
                 for iy in range(gh):
                     y = sy + i * bh + (iy + 0.5) * bh / gh
                     for ix in range(gw):
@@ -68,7 +68,8 @@ ROIS = torch.tensor([[0, 1.2, 0.7, 6.3, 5.1],      # inside
                      [1, -2.5, 3.0, 4.0, 9.5],     # partly outside (left, bottom)
                      [0, 5.0, -1.7, 11.9, 2.2],    # partly outside (top, right)
                      [1, 3.3, 2.2, 3.6, 2.4],      # smaller than a pixel
-                     [0, 0.0, 0.0, 8.0, 6.0]], dtype=torch.float64)
+                     [0, 0.0, 0.0, 8.0, 6.0],
+                     [1, 4.0, 2.5, 4.0, 2.5]], dtype=torch.float64)  # empty
 
 
 @pytest.mark.parametrize("aligned", [False, True])
@@ -79,7 +80,7 @@ def test_roi_align_matches_kernel_transcription_forward_and_backward(aligned, ra
     scale = 0.9
     out = P.roi_align(feat, ROIS, (3, 4), scale, ratio, aligned)
     ref = roi_align_reference(feat, ROIS, 3, 4, scale, ratio, aligned)
-    assert out.shape == (5, 3, 3, 4)
+    assert out.shape == (6, 3, 3, 4)
     assert torch.allclose(out, ref, atol=1e-12, rtol=0)
     g = torch.randn_like(out)
     (ga,) = torch.autograd.grad(out, feat, g)
