@@ -621,7 +621,7 @@ def get_parser():
     a("--curvature", type=float, default=0.25, help="s.d. of the heading change per 4-px segment (radians)")
     a("--batch-size", type=int, default=8, help="images per step")
     a("--proposals", type=int, default=2, help="jittered proposals per GT instance in training")
-    a("--iters", type=int, default=600, help="training steps")
+    a("--iters", type=int, default=1000, help="training steps")
     a("--lr", type=float, default=0.02, help="SGD learning rate (Panoptic FPN 0.02), momentum 0.9")
     a("--weight-decay", type=float, default=1e-4, help="SGD weight decay (not on norm layers)")
     a("--warmup", type=float, default=0.05, help="linear warmup from lr / 1000, as a fraction of --iters; "
@@ -752,12 +752,14 @@ def train(args):
         seed = args.seed * 1_000_003 + it  # every step's data and proposals follow from (seed, step): resumable
         batch = render(args.batch_size, seed=seed, device=device, **task_options(args))
         gen = torch.Generator(device=device).manual_seed(seed)
-        losses, stats = training_loss(model, batch, gen, args.proposals)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            log(args.out, {"iter": it, "error": f"non-finite loss {({k: v.item() for k, v in losses.items()})}"})
-            raise SystemExit(f"stopped at step {it}: non-finite loss; the last checkpoint is in {args.out}. "
-                             "Lower --lr or raise --xi")
+        try:  # crbp.run raises FloatingPointError for a non-finite state
+            losses, stats = training_loss(model, batch, gen, args.proposals)
+            total = sum(losses.values())
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"non-finite loss {({k: v.item() for k, v in losses.items()})}")
+        except FloatingPointError as e:
+            log(args.out, {"iter": it, "error": str(e)})
+            raise SystemExit(f"{args.out} stopped at step {it}: {e}. Lower --lr or raise --xi") from None
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -867,24 +869,29 @@ def experiment(args):
     for head, algo, T in EXPERIMENT:
         for seed in SEEDS:
             run = os.path.join(args.out, f"{head}-{algo}-T{T}-s{seed}")
-            if _final(run) is not None:
-                continue
+            if _final(run) is not None or _final(run, "error") is not None:
+                continue  # finished, or stopped by a non-finite loss (the table counts it as failed)
             cfg = {**vars(args), "head": head, "algo": algo, "steps": min(T, 3) if args.dry_run else T, "seed": seed,
                    "out": run, "resume": None, "experiment": False}
             if os.path.isfile(os.path.join(run, "checkpoint.pt")):
                 cfg.update(json.load(open(os.path.join(run, "config.json"))), resume=run, out=run)
             cfg["until_minutes"] = None if deadline is None else max(1e-9, (deadline - time.time()) / 60)
-            if train(argparse.Namespace(**cfg)) is None:
+            try:
+                done = train(argparse.Namespace(**cfg))
+            except SystemExit as e:  # a diverged run is recorded in its metrics.jsonl; the others still run
+                print(e)
+                continue
+            if done is None:
                 return print("experiment stopped (--until-minutes); run the same command again to continue")
     return summarize(args.out)
 
 
-def _final(run):
+def _final(run, key="final"):
+    """The last record of a run's metrics.jsonl that has `key` ("final": finished; "error": diverged)."""
     path = os.path.join(run, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return None
-    finals = [json.loads(line) for line in open(path) if '"final"' in line]
-    return finals[-1] if finals else None
+    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    rows = [r for r in rows if key in r]
+    return rows[-1] if rows else None
 
 
 def summarize(root):
@@ -892,13 +899,15 @@ def summarize(root):
     lines = ["| head | algo | T | PQ | PQ_th | PQ_st | SQ_th | PQ curves | seeds |", "|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for head, algo, T in EXPERIMENT:
-        finals = [f for f in (_final(os.path.join(root, f"{head}-{algo}-T{T}-s{s}")) for s in SEEDS) if f]
+        runs = [os.path.join(root, f"{head}-{algo}-T{T}-s{s}") for s in SEEDS]
+        finals = [f for f in map(_final, runs) if f]
+        failed = sum(_final(r, "error") is not None for r in runs)
         if not finals:
             continue
         cell = lambda k: (f"{statistics.mean(f['final'][k] for f in finals):.2f} ± "
                           f"{statistics.pstdev([f['final'][k] for f in finals]):.2f}")
         lines.append(f"| {head} | {algo if head == 'hgru' else '-'} | {T} | {cell('pq')} | {cell('pq_th')} | "
-                     f"{cell('pq_st')} | {cell('sq_th')} | {cell('pq_curve')} | {len(finals)} |")
+                     f"{cell('pq_st')} | {cell('sq_th')} | {cell('pq_curve')} | {len(finals)}{f' ({failed} diverged)' if failed else ''} |")
         per = [f["per_step_pq"] for f in finals]
         n = min(len(p) for p in per)
         curves[f"{head} {algo} T={T}" if head == "hgru" else "conv4"] = (
