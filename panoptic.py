@@ -820,13 +820,13 @@ def colorize(pan):
     return lut[pan.cpu().clamp(0, 1023)].permute(0, 3, 1, 2)
 
 
-def show(path, args, n=8):
+def show(path, args, n=6):
     """A sample sheet: rows of images, their panoptic ground truth, their semantic labels (void white)."""
     b = render(n, seed=args.seed, **task_options(args))
     sem = torch.tensor([[0.15, 0.15, 0.15], [0.8, 0.5, 0.2], [0.2, 0.5, 0.8]])[b["semantic"].clamp(max=2)]
     sem[b["semantic"] == IGNORE] = 1.0
     sheet = torch.cat([b["image"], colorize(b["pan"]), sem.permute(0, 3, 1, 2)], 0)
-    figures.write_png(path, figures.grid(sheet, cols=n, zoom=2))
+    figures.write_png(path, figures.grid(sheet, cols=n, zoom=2 if args.size <= 64 else 1))
     return path
 
 
