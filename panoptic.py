@@ -378,7 +378,7 @@ def render(batch, size=128, *, curves=4, blobs=2, length=90.0, width=2.5, curvat
     base = 0.35 + 0.3 * rand(B, 3, 1, 1)
     img = (base + 0.12 * stripes[:, None] + 0.05 * torch.randn(B, 3, S, S, generator=g, device=dev)).clamp(0, 1)
     # curves: n_seg segments of ~4 px, heading turning by N(0, curvature) per segment; distance to the polyline
-    n_seg = max(2, round(length / (4 * k)))
+    n_seg = max(2, round(length / 4))  # the same walk at every size, scaled by k
     head0 = 2 * math.pi * rand(B, curves, 1)
     turns = curvature * torch.randn(B, curves, n_seg, generator=g, device=dev)
     ang = head0 + torch.cumsum(turns, 2)  # (B, c, n_seg)
@@ -389,10 +389,11 @@ def render(batch, size=128, *, curves=4, blobs=2, length=90.0, width=2.5, curvat
     for j in range(n_seg):  # separable point-to-segment distance, running min over segments
         a, d = pts[:, :, j], pts[:, :, j + 1] - pts[:, :, j]  # (B, c, 2)
         px, py = yy - a[..., :1], yy - a[..., 1:]  # (B, c, S) x and y offsets
-        t = ((px[:, :, None, :] * d[..., None, None, 0] + py[:, :, :, None] * d[..., None, None, 1])
-             / d.square().sum(-1)[..., None, None].clamp_min(1e-9)).clamp(0, 1)  # (B, c, S, S)
-        dist = (px[:, :, None, :] - t * d[..., None, None, 0]).square() + (py[:, :, :, None] - t * d[..., None, None, 1]).square()
-        d2 = torch.minimum(d2, dist)
+        dx, dy = d[..., 0, None, None], d[..., 1, None, None]  # (B, c, 1, 1)
+        qx, qy = px[:, :, None, :], py[:, :, :, None]  # (B, c, 1, S), (B, c, S, 1)
+        # the closest point a + t d, t = clamp(<p - a, d> / |d|^2, 0, 1)
+        t = ((qx * dx + qy * dy) / (dx.square() + dy.square()).clamp_min(1e-9)).clamp(0, 1)  # (B, c, S, S)
+        d2 = torch.minimum(d2, (qx - t * dx).square() + (qy - t * dy).square())
     # coverage = clamp(w / 2 + 0.5 - distance, 0, 1): anti-aliased strokes of width w
     alpha_c = (width * k / 2 + 0.5 - d2.sqrt()).clamp(0, 1)
     # blobs: rotated ellipses, semi-axes 5-11 and 3-6 px
@@ -683,7 +684,8 @@ def parse_args(argv=None):
         p.error(f"--size must be a multiple of 8 and >= 32, got {args.size}")
     if args.channels % 4 or args.channels < 4:
         p.error(f"--channels must be a multiple of 4, got {args.channels}")
-    default = "panoptic" if args.experiment or args.memory else f"panoptic-{args.head}-{args.algo}-T{args.steps}-s{args.seed}"
+    one = f"panoptic-{args.head}-{args.algo}-T{args.steps}-s{args.seed}"
+    default = "panoptic" if args.experiment or args.memory else one
     args.out = args.out or os.path.join("runs", default)
     return args
 
@@ -745,7 +747,7 @@ def train(args):
         print(f"before training: PQ {ev['pq']:.2f}  PQ_th {ev['pq_th']:.2f}  PQ_st {ev['pq_st']:.2f}", flush=True)
     ckpt = lambda it: save_checkpoint(args.out, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                                  "iteration": it})
-    t0, it = time.time(), start
+    t0, t_eval, it = time.time(), 0.0, start
     while it < args.iters:
         for group in opt.param_groups:
             group["lr"] = lr_at(args, it)
@@ -766,14 +768,16 @@ def train(args):
         it += 1
         if it % 10 == 0 or it == args.iters:
             rec = {"iter": it, "lr": opt.param_groups[0]["lr"], **{k: v.item() for k, v in losses.items()},
-                   "s_per_step": (time.time() - t0) / (it - start), **(stats.as_dict() if stats else {})}
+                   "s_per_step": (time.time() - t0 - t_eval) / (it - start), **(stats.as_dict() if stats else {})}
             log(args.out, rec)
         if it % args.eval_every == 0 or it == args.iters:
+            t1 = time.time()
             ev = evaluate(model, args, device, args.steps, quick)
             log(args.out, {"iter": it, "eval": ev})
+            t_eval += time.time() - t1
             print(f"step {it}/{args.iters}  loss {total.item():.4f} (mask {losses['loss_mask'].item():.4f}, lcp "
-                  f"{losses['loss_lcp'].item():.2e})  held-out PQ {ev['pq']:.2f}  {(time.time() - t0) / (it - start):.3f}"
-                  f" s/step", flush=True)
+                  f"{losses['loss_lcp'].item():.2e})  held-out PQ {ev['pq']:.2f}  "
+                  f"{(time.time() - t0 - t_eval) / (it - start):.3f} s/step (training only)", flush=True)
             ckpt(it)
         if args.until_minutes and time.time() - t0 > 60 * args.until_minutes:
             break
@@ -788,7 +792,8 @@ def report(model, args, device):
     T = max(args.eval_steps, args.steps)
     curve = evaluate(model, args, device, T, args.eval_images, per_step=True)
     final = curve[args.steps - 1]
-    log(args.out, {"final": final, "steps": args.steps, "per_step_pq": [c["pq"] for c in curve]})
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    log(args.out, {"final": final, "steps": args.steps, "per_step_pq": [c["pq"] for c in curve], "peak_gib": peak})
     rows = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
     ev = [r for r in rows if "eval" in r]
     tr = [r for r in rows if "loss_mask" in r]
@@ -896,7 +901,7 @@ def _final(run, key="final"):
 
 def summarize(root):
     """table.md (mean +- s.d. over seeds of PQ, PQ_th, PQ_st, SQ_th at the trained T) and per_step.svg."""
-    lines = ["| head | algo | T | PQ | PQ_th | PQ_st | SQ_th | PQ curves | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| head | algo | T | PQ | PQ_th | PQ_st | SQ_th | PQ curves | seeds |", "|---" * 9 + "|"]
     curves = {}
     for head, algo, T in EXPERIMENT:
         runs = [os.path.join(root, f"{head}-{algo}-T{T}-s{s}") for s in SEEDS]
@@ -907,7 +912,8 @@ def summarize(root):
         cell = lambda k: (f"{statistics.mean(f['final'][k] for f in finals):.2f} ± "
                           f"{statistics.pstdev([f['final'][k] for f in finals]):.2f}")
         lines.append(f"| {head} | {algo if head == 'hgru' else '-'} | {T} | {cell('pq')} | {cell('pq_th')} | "
-                     f"{cell('pq_st')} | {cell('sq_th')} | {cell('pq_curve')} | {len(finals)}{f' ({failed} diverged)' if failed else ''} |")
+                     f"{cell('pq_st')} | {cell('sq_th')} | {cell('pq_curve')} | {len(finals)}"
+                     + (f" ({failed} diverged) |" if failed else " |"))
         per = [f["per_step_pq"] for f in finals]
         n = min(len(p) for p in per)
         curves[f"{head} {algo} T={T}" if head == "hgru" else "conv4"] = (
