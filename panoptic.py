@@ -835,38 +835,45 @@ def show(path, args, n=6):
     return path
 
 
-def memory_profile(args):
-    """Peak CUDA memory (GiB) of one mask-head training step (forward, BCE + xi LCP, backward) at 512 RoIs."""
-    if not torch.cuda.is_available():
-        raise SystemExit("--memory measures CUDA memory: run it on a GPU")
-    dev = torch.device("cuda")
+def memory_profile(args, rois=512):
+    """Peak CUDA memory (GiB above the inputs) and time of one mask-head training step (forward, BCE + xi LCP,
+    backward) at `rois` RoIs, against T. Writes memory.json and memory.svg. On a CPU (--device cpu) times only."""
+    cuda = args.device != "cpu"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--memory measures CUDA memory: run it on a GPU (or pass --device cpu for timings only)")
+    dev = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = [("conv4", "bptt", 1)] + [("hgru", "bptt", t) for t in (1, 2, 3, 5, 10)] + \
            [("hgru", "c-rbp", t) for t in (2, 5, 10, 20)]
     out = {}
     for kind, algo, T in rows:
         head = MaskHead(kind, len(THINGS), args.channels, steps=T, algo=algo).to(dev)
-        x = torch.randn(512, args.channels, 14, 14, device=dev, requires_grad=True)
-        labels = torch.randint(0, len(THINGS), (512,), device=dev)
-        target = (torch.rand(512, 28, 28, device=dev) > 0.5).float()
+        x = torch.randn(rois, args.channels, 14, 14, device=dev, requires_grad=True)
+        labels = torch.randint(0, len(THINGS), (rois,), device=dev)
+        target = (torch.rand(rois, 28, 28, device=dev) > 0.5).float()
         step = lambda: (mask_loss(head(x), labels, target) + head.penalty).backward()
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev) if cuda else 0
         step()
-        torch.cuda.synchronize()
-        out[f"{kind}-{algo}-T{T}"] = gib = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30
+        sync()
+        gib = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30 if cuda else float("nan")
         times = []
         for _ in range(3):  # the step's time too: what the experiment's runs cost per RoI
-            t0 = time.perf_counter(); step(); torch.cuda.synchronize(); times.append(time.perf_counter() - t0)
-        print(f"{kind:5s} {algo:5s} T={T:2d}: peak {gib:6.2f} GiB above the inputs, {1000 * min(times):7.1f} ms "
-              "per step", flush=True)
-        del head, x, loss
-        torch.cuda.empty_cache()
+            t0 = time.perf_counter(); step(); sync(); times.append(time.perf_counter() - t0)
+        out[f"{kind}-{algo}-T{T}"] = {"peak_gib": gib, "ms": 1000 * min(times)}
+        print(f"{kind:5s} {algo:5s} T={T:2d}: peak {gib:6.2f} GiB above the inputs, {1000 * min(times):8.1f} ms "
+              f"per step at {rois} RoIs", flush=True)
+        del head, x, step
+        if cuda:
+            torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     json.dump(out, open(os.path.join(args.out, "memory.json"), "w"), indent=1)
     series = {name: ([int(k.rsplit("T", 1)[1]) for k in out if k.startswith(pre)],
-                     [v for k, v in out.items() if k.startswith(pre)])
+                     [v["peak_gib"] for k, v in out.items() if k.startswith(pre)])
               for name, pre in (("hGRU BPTT", "hgru-bptt"), ("hGRU C-RBP", "hgru-c-rbp"), ("conv4", "conv4"))}
-    figures.svg_plot(os.path.join(args.out, "memory.svg"), series, "steps T", "peak GiB (head step, 512 RoIs)",
+    figures.svg_plot(os.path.join(args.out, "memory.svg"), series, "steps T", f"peak GiB (head step, {rois} RoIs)",
                      "mask-head training memory")
     return out
 

@@ -403,3 +403,10 @@ def test_experiment_dry_run_writes_the_table(tmp_path, monkeypatch):
     assert len(lines) == 4 and lines[2].startswith("| conv4") and lines[3].startswith("| hgru | c-rbp | 5")
     assert os.path.isfile(os.path.join(out, "table.md")) and os.path.isfile(os.path.join(out, "per_step.svg"))
     assert P.main(["--experiment", "--dry-run", "--out", out]) == lines  # finished runs are not trained again
+
+
+def test_memory_profile_runs(tmp_path):
+    args = P.parse_args(["--memory", "--device", "cpu", "--channels", "8", "--out", str(tmp_path)])
+    out = P.memory_profile(args, rois=4)
+    assert len(out) == 10 and all(v["ms"] > 0 for v in out.values())
+    assert os.path.isfile(tmp_path / "memory.json") and os.path.isfile(tmp_path / "memory.svg")
