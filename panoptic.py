@@ -345,13 +345,13 @@ def _generator(device, seed, split):
     return torch.Generator(device=device).manual_seed(2 * seed + (split == "test"))
 
 
-def render(batch, size=128, *, curves=4, blobs=2, length=90.0, width=2.5, curvature=0.25, min_area=16,
+def render(batch, size=128, *, curves=4, blobs=2, length=90.0, stroke=2.5, curvature=0.25, min_area=16,
            split="train", seed=0, device=None):
     """B images (B, 3, S, S) in [0, 1] with their panoptic ground truth, rendered with tensor ops.
 
     Stuff: two classes told apart by texture only (horizontal vs vertical stripes, same colours, noise), in
     regions of a thresholded, bicubically upsampled 4 x 4 Gaussian field. Things: `curves` smooth random
-    walks of `length` px (all curves of an image share one colour) and `blobs` rotated ellipses (another
+    walks of `length` px and `stroke` px wide (all curves of an image share one colour) and `blobs` rotated ellipses (another
     colour), composited in a random z-order; visible masks in painter's order, boxes from the visible masks;
     instances with fewer than `min_area` visible pixels become void. Sizes scale with size / 128.
     Returns a dict: image; semantic (B, S, S) (0 things, 1..2 stuff, 255 void); masks (B, N, S, S) bool;
@@ -395,7 +395,7 @@ def render(batch, size=128, *, curves=4, blobs=2, length=90.0, width=2.5, curvat
         t = ((qx * dx + qy * dy) / (dx.square() + dy.square()).clamp_min(1e-9)).clamp(0, 1)  # (B, c, S, S)
         d2 = torch.minimum(d2, (qx - t * dx).square() + (qy - t * dy).square())
     # coverage = clamp(w / 2 + 0.5 - distance, 0, 1): anti-aliased strokes of width w
-    alpha_c = (width * k / 2 + 0.5 - d2.sqrt()).clamp(0, 1)
+    alpha_c = (stroke * k / 2 + 0.5 - d2.sqrt()).clamp(0, 1)
     # blobs: rotated ellipses, semi-axes 5-11 and 3-6 px
     c = (0.15 + 0.7 * rand(B, blobs, 2)) * S
     ax, bx, th = (5 + 6 * rand(B, blobs)) * k, (3 + 3 * rand(B, blobs)) * k, math.pi * rand(B, blobs)
@@ -599,9 +599,7 @@ TASK_KEYS = ("size", "curves", "blobs", "length", "stroke", "curvature")
 
 
 def task_options(args):
-    o = {k: getattr(args, k) for k in TASK_KEYS}
-    o["width"] = o.pop("stroke")
-    return o
+    return {k: getattr(args, k) for k in TASK_KEYS}
 
 
 def get_parser():
