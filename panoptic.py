@@ -721,9 +721,8 @@ def build(args, device):
 def train(args):
     """Train one model (one run directory), then evaluate it at its T and at every t = 1..--eval-steps."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.benchmark = True
-    model, opt = build(args, device)
+    torch.manual_seed(args.seed)  # the same backbone initialisation for every head of one seed
+    model, opt = build(args, device)  # (no cudnn.benchmark: the number of RoIs changes every step)
     start = 0
     if args.resume:
         ck = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location=device, weights_only=False)
