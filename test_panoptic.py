@@ -201,6 +201,66 @@ def test_pq_stuff_class_in_two_segments_and_empty_categories():
     assert math.isclose(summary["pq"], summary["pq_st"]) and math.isclose(summary["sq_st"], 100 * (4 / 6) / 2)
 
 
+def panopticapi_reference(gt, gt_cats, gt_crowd, pred, pred_cats, categories):
+    """panopticapi's pq_compute_single_core for one image, transcribed loop by loop (dicts, no tensors)."""
+    stat = [[0, 0, 0, 0.0] for _ in range(categories)]  # tp, fp, fn, iou
+    gt_segms = {i: {"category_id": gt_cats[i], "iscrowd": gt_crowd[i], "area": gt.count(i)}
+                for i in set(gt) if i != 0}
+    pred_segms = {i: {"category_id": pred_cats[i], "area": pred.count(i)} for i in set(pred) if i != 0}
+    gt_pred_map = {}
+    for g, p in zip(gt, pred):
+        gt_pred_map[(g, p)] = gt_pred_map.get((g, p), 0) + 1
+    gt_matched, pred_matched = set(), set()
+    for (g, p), inter in gt_pred_map.items():
+        if g not in gt_segms or p not in pred_segms or gt_segms[g]["iscrowd"]:
+            continue
+        if gt_segms[g]["category_id"] != pred_segms[p]["category_id"]:
+            continue
+        union = pred_segms[p]["area"] + gt_segms[g]["area"] - inter - gt_pred_map.get((0, p), 0)
+        if inter / union > 0.5:
+            stat[gt_segms[g]["category_id"]][0] += 1
+            stat[gt_segms[g]["category_id"]][3] += inter / union
+            gt_matched.add(g)
+            pred_matched.add(p)
+    crowd_labels = {}
+    for g, info in sorted(gt_segms.items()):
+        if g in gt_matched:
+            continue
+        if info["iscrowd"]:
+            crowd_labels[info["category_id"]] = g
+            continue
+        stat[info["category_id"]][2] += 1
+    for p, info in pred_segms.items():
+        if p in pred_matched:
+            continue
+        inter = gt_pred_map.get((0, p), 0)
+        if info["category_id"] in crowd_labels:
+            inter += gt_pred_map.get((crowd_labels[info["category_id"]], p), 0)
+        if inter / info["area"] > 0.5:
+            continue
+        stat[info["category_id"]][1] += 1
+    return torch.tensor(stat, dtype=torch.float64)
+
+
+def test_pq_matches_a_transcription_of_panopticapi_on_random_maps():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        G, Pn, C = 6, 7, 3
+        # blocky random maps so that segments overlap in many ways, with void, crowd and shared categories
+        gt = torch.randint(0, G, (4, 5), generator=g).repeat_interleave(3, 0).repeat_interleave(3, 1)
+        pred = gt.clone()
+        flip = torch.rand(gt.shape, generator=g) < 0.35
+        pred[flip] = torch.randint(0, Pn, (int(flip.sum()),), generator=g)
+        gc = torch.randint(0, C, (G,), generator=g)
+        pc = torch.randint(0, C, (Pn,), generator=g)
+        pc[:G] = torch.where(torch.rand(G, generator=g) < 0.8, gc, pc[:G])
+        crowd = torch.rand(G, generator=g) < 0.2
+        ours = P.pq_stats(gt, gc, pred, pc, C, crowd)
+        ref = panopticapi_reference(gt.flatten().tolist(), gc.tolist(), crowd.tolist(), pred.flatten().tolist(),
+                                    pc.tolist(), C)
+        assert torch.allclose(ours, ref, atol=1e-12), trial
+
+
 def test_pq_sums_over_a_batch_and_rejects_bad_ids():
     gt = torch.tensor([[[1, 1, 2, 2]], [[1, 0, 2, 2]]])
     pred = torch.tensor([[[1, 1, 2, 0]], [[1, 1, 0, 2]]])
