@@ -96,6 +96,9 @@ def _roi_align(input, rois, PH, PW, scale, sh, sw, aligned):
     gy = 2 * ys.clamp(0, H - 1) / max(H - 1, 1) - 1
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # (K, PH s, PW s, 2)
     b = rois[:, 0].long()
+    if N == len(rois) and torch.equal(b, torch.arange(N, device=b.device)):  # one RoI per image (mask targets)
+        vals = F.grid_sample(input, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return F.avg_pool2d(vals * valid[:, None], (sh, sw))
     order = torch.argsort(b, stable=True)
     vals, start = [], 0
     for i, n in zip(*(t.tolist() for t in torch.unique_consecutive(b[order], return_counts=True))):
