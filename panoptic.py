@@ -579,17 +579,19 @@ def into_torchvision(model, head):
     if not isinstance(head, MaskHead):
         raise ValueError(f"pass a panoptic.MaskHead, got {type(head).__name__}")
     roi.mask_head, roi.mask_predictor = _TVMaskHead(head), head.readout
-
-    def add_lcp(module, inputs, output):  # RoIHeads.forward returns (detections, losses)
-        result, losses = output
-        if module.training and head.penalty is not None and "loss_mask" in losses:
-            losses = {**losses, "loss_lcp": head.penalty}
-        return result, losses
-
-    if not getattr(roi, "_crbp_lcp_hook", False):
-        roi.register_forward_hook(add_lcp)
-        roi._crbp_lcp_hook = True
+    if not hasattr(roi, "_lcp_head"):  # one hook, which reads whichever head was put in last
+        roi.register_forward_hook(_add_lcp)
+    object.__setattr__(roi, "_lcp_head", head)  # not a submodule: it already is one as mask_head.head
     return model
+
+
+def _add_lcp(module, inputs, output):
+    """Forward hook on torchvision's RoIHeads, whose forward returns (detections, losses): add xi * LCP."""
+    result, losses = output
+    head = module._lcp_head
+    if module.training and head.penalty is not None and "loss_mask" in losses:
+        losses = {**losses, "loss_lcp": head.penalty}
+    return result, losses
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -431,6 +431,29 @@ def test_dry_run_writes_a_run_directory_and_resumes(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_into_torchvision_adapter_on_a_stand_in_roi_heads():
+    class RoIHeads(torch.nn.Module):  # torchvision's contract: mask_head, mask_predictor, returns (result, losses)
+        def __init__(self):
+            super().__init__()
+            self.mask_head, self.mask_predictor = torch.nn.Identity(), torch.nn.Identity()
+
+        def forward(self, x):
+            return [], {"loss_mask": self.mask_predictor(self.mask_head(x)).sum() * 0}
+
+    model = torch.nn.Module()
+    model.roi_heads = RoIHeads()
+    first, second = P.MaskHead("hgru", 3, 8, steps=3), P.MaskHead("hgru", 3, 8, steps=3)
+    P.into_torchvision(model, first)
+    P.into_torchvision(model, second)  # swapping heads again keeps one hook, reading the new head
+    _, losses = model.roi_heads(torch.randn(2, 8, 6, 6))
+    assert losses["loss_lcp"] is second.penalty and losses["loss_lcp"] > 0
+    assert len(model.roi_heads._forward_hooks) == 1
+    model.eval()
+    assert "loss_lcp" not in model.roi_heads(torch.randn(2, 8, 6, 6))[1]
+    with pytest.raises(ValueError, match="MaskRCNN"):
+        P.into_torchvision(torch.nn.Linear(2, 2), first)
+
+
 def test_into_torchvision():
     tv = pytest.importorskip("torchvision")
     from torchvision.models.detection import maskrcnn_resnet50_fpn
