@@ -728,6 +728,8 @@ def train(args):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)  # the same backbone initialisation for every head of one seed
     model, opt = build(args, device)  # (no cudnn.benchmark: the number of RoIs changes every step)
+    if device.type == "cuda":  # the final record's peak memory is this run's, also inside --experiment
+        torch.cuda.reset_peak_memory_stats(device)
     start = 0
     if args.resume:
         ck = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location=device, weights_only=False)
