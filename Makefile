@@ -3,7 +3,7 @@ PYTHON ?= python3
 # locally. On a GPU box, install the CUDA build of your choice first; deps then installs nothing.
 TORCH ?= torch==2.13.0
 
-.PHONY: test test-fast deps pathfinder bench clean
+.PHONY: test test-fast deps pathfinder bench panoptic clean
 
 # Every test, the slow ones (overfitting, the full model x task dry-run matrix) included.
 test: deps
@@ -21,9 +21,14 @@ pathfinder:
 clean:
 	rm -rf runs/pathfinder-14 runs/pathfinder-cpu __pycache__ .pytest_cache
 
-# Training throughput of every algorithm on one GPU, plain and fast paths.
+# Training throughput of every algorithm on one GPU, plain and fast paths side by side (writes results/).
 bench:
-	$(PYTHON) bench.py && $(PYTHON) bench.py --fast
+	$(PYTHON) bench.py
+
+# The recurrent mask head (one GPU): its memory against T, then conv4 / BPTT 1,3,5 / C-RBP 5,10,20 x 3 seeds.
+# Re-running resumes where it stopped.
+panoptic:
+	$(PYTHON) panoptic.py --memory --out runs/panoptic && $(PYTHON) panoptic.py --experiment --out runs/panoptic
 
 deps:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"

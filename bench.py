@@ -33,7 +33,8 @@ import crbp
 import data
 import fastpath
 import models
-from train import RENDER_CHUNK, focal_loss  # the loss and the renderer's chunk size of the training loop
+from data import RENDER_CHUNK  # train.py renders its batches in chunks of this many images
+from report import focal_loss
 
 # (algo, T, batch) -> the paper code's (hgrucleanSEG.py) img/s and peak GiB on one H200, torch 2.11 (issue 11)
 PAPER_H200 = {("c-rbp", 20, 32): (135.7, 3.76), ("c-rbp", 20, 128): (161.7, 14.74), ("c-rbp", 40, 32): (95.2, 3.69),
@@ -186,6 +187,24 @@ def table(records):
     return "\n".join(lines)
 
 
+def markdown(path):
+    """The README's speed table from a bench JSON file (no GPU needed): one row per config, both paths."""
+    run = json.load(open(path))
+    rec = {(r["algo"], r["T"], r["batch"], r["path"]): r for r in run["records"]}
+    cell = lambda r: "–" if r is None else f"{r['img_s']:.1f} ({r['peak_gib']:.2f})"
+    print(f"{run['gpu']}, torch {run['torch']}, median of {run['repeats']} steps after {run['warmup']} warm-up steps\n")
+    print("| config | batch | plain img/s (GiB) | fast img/s (GiB) | fast ÷ plain | Neumann terms | grad err (fast) "
+          "| paper code img/s (GiB) |\n|---|---|---|---|---|---|---|---|")
+    for algo, T, batch in dict.fromkeys(k[:3] for k in rec):
+        p, f = rec.get((algo, T, batch, "plain")), rec.get((algo, T, batch, "fast"))
+        ratio = f"{f['img_s'] / p['img_s']:.2f}" if p and f else "–"
+        terms = "–" if f is None or f["neumann_terms"] is None else int(f["neumann_terms"])
+        err = "–" if f is None or f["grad_err"] is None else format(f["grad_err"], ".1e")
+        paper = PAPER_H200.get((algo, T, batch))
+        print(f"| {algo.upper()} T={T} | {batch} | {cell(p)} | {cell(f)} | {ratio} | {terms} | {err} | "
+              + ("–" if paper is None else f"{paper[0]} ({paper[1]})") + " |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="*", default=CONFIGS, help="algo:T:batch, e.g. c-rbp:20:32")
@@ -198,7 +217,10 @@ def main():
     p.add_argument("--profile", action="store_true", help="time each phase of a C-RBP step and list the top kernels")
     p.add_argument("--profile-rows", type=int, default=15)
     p.add_argument("--out", default="results", help="folder for bench_<gpu>.json")
+    p.add_argument("--markdown", metavar="JSON", help="print the README's table from a bench JSON file, and exit")
     args = p.parse_args()
+    if args.markdown:
+        return markdown(args.markdown)
     if not torch.cuda.is_available():
         raise SystemExit("bench.py measures GPU throughput: run it on a machine with a CUDA GPU")
     configs = []

@@ -77,8 +77,8 @@ def gabor_bank() -> torch.Tensor:
         for j in range(12):
             th = math.radians(90 - 15 * j)
             u, v = x * math.cos(th) + y * math.sin(th), -x * math.sin(th) + y * math.cos(th)
-            g = torch.exp(-(u ** 2 + 0.3 ** 2 * v ** 2) / (2 * 2.8 ** 2)) * torch.cos(2 * math.pi * u / 3.5 + phi) * disc
-            g = g - g.mean()
+            g = torch.exp(-(u ** 2 + 0.3 ** 2 * v ** 2) / (2 * 2.8 ** 2)) * torch.cos(2 * math.pi * u / 3.5 + phi)
+            g = g * disc - (g * disc).mean()
             filters.append(g / g.norm())
     filters.append(disc * 49 / disc.sum())
     return torch.stack(filters)[:, None].float()  # (25, 1, 7, 7)

@@ -354,9 +354,10 @@ def render(batch, size=128, *, curves=4, blobs=2, length=90.0, stroke=2.5, curva
 
     Stuff: two classes told apart by texture only (horizontal vs vertical stripes, same colours, noise), in
     regions of a thresholded, bicubically upsampled 4 x 4 Gaussian field. Things: `curves` smooth random
-    walks of `length` px and `stroke` px wide (all curves of an image share one colour) and `blobs` rotated ellipses (another
-    colour), composited in a random z-order; visible masks in painter's order, boxes from the visible masks;
-    instances with fewer than `min_area` visible pixels become void. Sizes scale with size / 128.
+    walks of `length` px and `stroke` px wide (all curves of an image share one colour) and `blobs` rotated
+    ellipses (another colour), composited in a random z-order; visible masks in painter's order, boxes from
+    the visible masks; instances with fewer than `min_area` visible pixels become void. Sizes scale with
+    size / 128.
     Returns a dict: image; semantic (B, S, S) (0 things, 1..2 stuff, 255 void); masks (B, N, S, S) bool;
     labels, valid (B, N); boxes (B, N, 4) [x1, y1, x2, y2) in pixels; pan (B, S, S) ids (0 void, 1..N
     things, N+1.. stuff); pan_cats (B, N + 3).

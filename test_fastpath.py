@@ -1,6 +1,8 @@
 """Tests of fastpath.py on CPU in float64: the FFT convolution and its adjoint against F.conv2d, the hGRU step's
 explicit VJP against autograd, the LCP through it against crbp.lcp's double backward, and the whole fast
 model against the plain one. The CUDA test compares the compiled fast path with the plain float32 path."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +205,19 @@ def test_cuda_compiled_vjp_equals_autograd():
         got = vjp(h.detach(), z, v)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
+
+
+def test_bench_markdown_table_is_made_from_the_json(tmp_path, capsys):
+    import bench
+    records = [dict(algo="c-rbp", T=20, batch=32, path="plain", img_s=100.0, peak_gib=3.5, neumann_terms=15.0,
+                    grad_err=3e-7),
+               dict(algo="c-rbp", T=20, batch=32, path="fast", img_s=250.0, peak_gib=4.0, neumann_terms=15.0,
+                    grad_err=2e-6),
+               dict(algo="bptt", T=6, batch=32, path="fast", img_s=800.0, peak_gib=5.0, neumann_terms=None,
+                    grad_err=None)]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(dict(gpu="GPU X", torch="2.x", repeats=5, warmup=2, records=records)))
+    bench.markdown(str(path))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| C-RBP", "| BPTT"))]
+    assert rows[0] == "| C-RBP T=20 | 32 | 100.0 (3.50) | 250.0 (4.00) | 2.50 | 15 | 2.0e-06 | 135.7 (3.76) |"
+    assert rows[1] == "| BPTT T=6 | 32 | – | 800.0 (5.00) | – | – | – | 343.3 (7.58) |"

@@ -37,8 +37,6 @@ import crbp
 import data
 import models
 import report
-from data import RENDER_CHUNK  # noqa: F401  (bench.py reads train.RENDER_CHUNK)
-from report import focal_loss  # noqa: F401  (bench.py reads train.focal_loss)
 
 PRESETS = {
     # `make pathfinder`: the paper's C-RBP hGRU on PF-14 seg (T=20, K=15, mu 0.9, LCP weight 10, 15x15
