@@ -167,6 +167,12 @@ def test_dry_run_trains_evaluates_and_writes_the_run_dir(tmp_path, task, model, 
         png_chunks(out / "timecourse.png")
 
 
+def test_dry_run_evaluates_past_the_steps_typed_with_it(tmp_path, capsys):
+    # a typed --steps beyond the dry run's default: the per-step pass and the drift must still run past T
+    train.main(["--dry-run", "--device", "cpu", "--steps", "6", "--out", str(tmp_path / "run")])
+    assert json.load(open(tmp_path / "run" / "state_space.json"))["T"] == 7
+
+
 def tiny(out, *extra):
     return ["--task", "mazes", "--model", "convgru", "--channels", "8", "--kernel", "3", "--algo", "c-bptt",
             "--steps", "2", "--batch-size", "4",
@@ -234,6 +240,7 @@ BAD = [
     (["--device", "tpu"], "pass auto, cpu, cuda"),
     (["--resume", "nowhere"], "no config.json"),
     (["--resume", "a", "--report", "b"], "pass one of"),
+    (["--steps", "20", "--eval-steps", "10"], "--eval-steps must be >= --steps"),
 ]
 
 

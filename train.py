@@ -52,7 +52,7 @@ PRESETS = {
 }
 # --dry-run: a few iterations at tiny sizes (75-px PF-6, 3x3 kernels, 8 channels, 3 steps); typed options win
 DRY_RUN = dict(images=8, batch_size=4, eval_images=4, eval_every=4, eval_batch_size=4, size=75, length=6,
-               steps=3, neumann_steps=3, eval_steps=4, kernel=3, out=None)
+               steps=3, neumann_steps=3, kernel=3, out=None)
 # options a --resume or --report may change: where it runs, when it stops, how it is evaluated (not what is trained)
 RESUMABLE = {"until", "until_minutes", "device", "eval_images", "eval_batch_size", "eval_every", "eval_steps",
              "eval_lengths", "compile", "conv", "fast"}
@@ -213,8 +213,11 @@ def check_args(parser, args):
     if steps is None and args.algo not in (None, "bptt"):
         parser.error(f"--model {args.model} is feedforward: it has no recurrence for {args.algo}; use --algo bptt")
     args.algo, args.steps = args.algo or algo or "bptt", args.steps or steps or 1
-    if args.eval_steps is None:
-        args.eval_steps = task.eval_steps(args.steps)
+    if args.eval_steps is None:  # a dry run evaluates one step past T: enough for the drift, and quick
+        args.eval_steps = args.steps + 1 if args.dry_run else task.eval_steps(args.steps)
+    if args.eval_steps < args.steps:
+        parser.error(f"--eval-steps must be >= --steps ({args.steps}): the per-step curve and the state-space "
+                     "drift run on past the trained T")
     for k, (ok, what) in RULES.items():
         if getattr(args, k) is not None and not ok(getattr(args, k)):
             parser.error(f"--{k.replace('_', '-')} must be {what}, got {getattr(args, k)}")
