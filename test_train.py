@@ -39,7 +39,9 @@ def test_batch_averaged_and_pooled_metrics_differ_as_defined():
 def test_focal_loss_matches_its_formula():
     logits, target = torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.randint(0, 2, (2, 3, 3))
     p = logits.softmax(1).gather(1, target[:, None])[:, 0]
-    assert torch.isclose(report.focal_loss(logits, target).double(), (-(1 - p) ** 2 * p.log()).mean())
+    loss = report.focal_loss(logits, target)
+    assert loss.dtype == torch.float64 and torch.isclose(loss, (-(1 - p) ** 2 * p.log()).mean(), rtol=1e-14, atol=0)
+    assert report.focal_loss(logits.bfloat16(), target).dtype == torch.float32  # bf16 is summed in float32
 
 
 def test_maze_solved_needs_every_free_pixel_and_ignores_walls():
