@@ -30,6 +30,7 @@ import torch
 ALGOS = ("bptt", "tbptt", "rbp", "c-bptt", "c-tbptt", "c-rbp")
 STOPS = ("max_terms", "tolerance", "diverging", "nonfinite", "grad_cap")  # why a Neumann series stopped
 GROWTH = 1e4  # a Neumann term this many times ||g|| is divergence, not the transient of a non-normal J
+_WARNED = {}  # the warnings registry of each line that calls run: a NeumannWarning shows once per line
 
 
 class Result(NamedTuple):
@@ -41,7 +42,7 @@ class Result(NamedTuple):
 def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps: int = 15, mu: float = 0.9,
         truncate: Optional[int] = None, tol: float = 1e-6, faithful: bool = False, grad_cap: Optional[float] = None,
         nonfinite: str = "raise", on_step: Optional[Callable] = None, fast_cell: Optional[Callable] = None,
-        vjp: Optional[Callable] = None) -> Result:
+        vjp: Optional[Callable] = None, halt: Optional[float] = None) -> Result:
     """Run h_t = cell(h_{t-1}, x) for t = 1..steps from h0 and return (state, penalty, stats).
 
     algo           one of ALGOS (see the module docstring)
@@ -56,16 +57,19 @@ def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps
     fast_cell      the same function as cell (e.g. compiled), run for every step in its place
     vjp            vjp(h, x, v) = v^T dcell(h, x)/dh, differentiable: then every Neumann term and the LCP use it
                    instead of autograd through the taped step (no double backward for the LCP)
+    halt           evaluation only: each sample stops once a step changes it by <= halt (relative), its state
+                   then frozen while the rest of the batch runs on (up to `steps`); stats.halted has its steps
 
     Under torch.no_grad() every algo runs T plain steps and the penalty is zero. Under rbp h0 gets no
     gradient: at a fixed point h* does not depend on h0.
     """
-    _check_args(steps, algo, neumann_steps, mu, truncate, tol, grad_cap, nonfinite)
+    _check_args(steps, algo, neumann_steps, mu, truncate, tol, grad_cap, nonfinite, halt)
     h, is_tuple = _as_tuple(h0, "h0")
     pack = (lambda z: tuple(z)) if is_tuple else (lambda z: z[0])
     base, constrained = algo.removeprefix("c-"), algo.startswith("c-")
     taped = {"bptt": steps, "tbptt": truncate, "rbp": 1}[base] if torch.is_grad_enabled() else 0
     step = cell if fast_cell is None else fast_cell
+    halted = None if halt is None else torch.full(h[0].shape[:1], steps, device=h[0].device)  # steps per sample
     # The fixed-point iteration:  h_t = F(h_{t-1}, x),  t = 1..T,  towards h* = F(h*, x).
     for t in range(1, steps + 1):
         if t == steps and taped and (base == "rbp" or constrained):
@@ -77,14 +81,19 @@ def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps
             h_prev, h = h, _as_tuple(step(pack(h), x), "the cell's output")[0]
         if t == 1:
             _check_like(h, h_prev, pack)
+        if halt is not None:  # samples that halted before this step keep their state; the batch runs on
+            frozen = halted < t
+            h = tuple(torch.where(frozen.view(-1, *[1] * (z.dim() - 1)), a, z) for a, z in zip(h_prev, h))
+            halted = torch.where(~frozen & (_norm(h, h_prev, 1) <= halt * _norm(h, None, 1)), t, halted)
         if on_step is not None:
             on_step(t, pack(h))
+        if halt is not None and bool((halted <= t).all()):  # one host sync per step, in evaluation only
+            break
 
     with torch.no_grad():  # one host sync per run: the residual, and whether h_T is finite
         finite = torch.stack([torch.isfinite(z).all() for z in h]).all()
-        residual = _norm([a - b for a, b in zip(h, h_prev)]) / _norm(h).clamp_min(1e-30)
-        residual = float(torch.where(finite, residual, float("nan")))
-    stats = Stats(steps, residual)
+        residual = float(torch.where(finite, _norm(h, h_prev) / _norm(h).clamp_min(1e-30), float("nan")))
+    stats = Stats(steps, residual, halted=halted)
     if nonfinite == "raise" and not math.isfinite(residual):
         raise FloatingPointError(f"the state is not finite after {steps} steps: lower the learning rate, add the "
                                  "LCP (a c- algo), or pass nonfinite='record' to inspect")
@@ -97,12 +106,9 @@ def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps
         h_next = h if fast_cell is None else _as_tuple(cell(pack(h_prev), x), "the cell's output")[0]
         penalty = _lcp(_vjp(h_next, h_prev, ones(), create_graph=True), mu, "mean")
     if taped and base == "rbp":
-        if vjp is not None:
-            h_fixed = tuple(z.detach() for z in h_prev)
-            JT = lambda v: _as_tuple(vjp(pack(h_fixed), x, pack(v)), "vjp's output")[0]
-        else:
-            JT = lambda v, h_T=h, h_prev=h_prev: _vjp(h_T, h_prev, v)
-        caller = sys._getframe(1)
+        h_fixed, caller = tuple(z.detach() for z in h_prev), sys._getframe(1)
+        JT = ((lambda v: _as_tuple(vjp(pack(h_fixed), x, pack(v)), "vjp's output")[0]) if vjp is not None else
+              (lambda v, h_T=h, h_prev=h_prev: _vjp(h_T, h_prev, v)))  # v -> J^T v at h_{T-1}
         options = dict(K=neumann_steps, tol=tol, faithful=faithful, grad_cap=grad_cap)
         h = _ImplicitGradient.apply(JT, options, stats, (caller.f_code.co_filename, caller.f_lineno), *h)
     return Result(pack(h), penalty, stats)
@@ -118,6 +124,7 @@ class Stats:
     neumann_stop: Optional[str] = None  # one of STOPS; "diverging" / "nonfinite": F not contractive at h_{T-1}
     neumann_norms: list = dataclasses.field(default_factory=list, repr=False)  # ||(J^T)^k g||, k = 0, 1, ...
     neumann_sum: Optional[float] = None  # ||sum of the kept terms||: the paper code's grad_cap compared it with 1
+    halted: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)  # run(halt=): steps per sample
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("steps", "residual", "neumann_terms", "neumann_stop", "neumann_sum")}
@@ -192,9 +199,6 @@ class NeumannWarning(UserWarning):
     """The rbp gradient's Neumann series diverged or met a non-finite term."""
 
 
-_WARNED = {}  # warnings' registry per call site
-
-
 def lcp(h_next, h_prev, mu: float = 0.9, reduction: str = "mean") -> torch.Tensor:
     """Lipschitz Coefficient Penalty of the transition h_next = F(h_prev) (Linsley et al. 2020, SI §1.2).
 
@@ -204,10 +208,9 @@ def lcp(h_next, h_prev, mu: float = 0.9, reduction: str = "mean") -> torch.Tenso
     "sum" is what the panoptic code used; it differs from "mean" by the number of elements.
     """
     hn, hp = _as_tuple(h_next, "h_next")[0], _as_tuple(h_prev, "h_prev")[0]
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if not 0 <= mu < 1:
-        raise ValueError(f"mu must be in [0, 1) (the paper used 0.9), got {mu!r}")
+    if reduction not in ("mean", "sum") or not 0 <= mu < 1:
+        raise ValueError(f"lcp takes mu in [0, 1) (the paper used 0.9) and reduction 'mean' or 'sum', got mu={mu!r}, "
+                         f"reduction={reduction!r}")
     if not any(z.requires_grad for z in hp) or not any(z.requires_grad for z in hn):
         raise ValueError("lcp needs h_next computed from an h_prev that requires grad, with autograd enabled: "
                          "h_prev = h_prev.detach().requires_grad_(); h_next = cell(h_prev, x)")
@@ -233,9 +236,10 @@ def _vjp(outputs, inputs, v, create_graph=False):
     return [torch.zeros_like(z) if d is None else d for d, z in zip(out, inputs)]
 
 
-def _norm(tensors) -> torch.Tensor:
-    """The 2-norm of a list of tensors taken as one vector, in float32 or wider."""
-    return torch.stack([z.to(_acc(z)).square().sum() for z in tensors]).sum().sqrt()
+def _norm(tensors, minus=None, start_dim=0) -> torch.Tensor:
+    """||tensors - minus|| of lists of tensors taken as one vector (per sample from start_dim=1), in float32+."""
+    diffs = tensors if minus is None else [a - b for a, b in zip(tensors, minus)]
+    return torch.stack([z.to(_acc(z)).square().flatten(start_dim).sum(-1) for z in diffs]).sum(0).sqrt()
 
 
 def _acc(z):
@@ -252,29 +256,21 @@ def _as_tuple(h, what):
 
 
 def _describe(h):
-    if isinstance(h, torch.Tensor):
-        return f"Tensor{tuple(h.shape)} {h.dtype}"
     if isinstance(h, (tuple, list)):
-        return "(" + ", ".join(_describe(z) for z in h) + ")"
-    return type(h).__name__
+        return "(" + ", ".join(map(_describe, h)) + ")"
+    return f"Tensor{tuple(h.shape)} {h.dtype}" if isinstance(h, torch.Tensor) else type(h).__name__
 
 
 def _check_like(h_new, h, pack):
-    """The cell must return a state of h's structure, shapes and dtypes (dtypes may change under autocast)."""
-    if len(h_new) != len(h) or any(a.shape != b.shape or (a.dtype != b.dtype and not _autocast_on())
+    """The cell must return a state of h's structure, shapes and dtypes (autocast may swap float32 and bf16/fp16)."""
+    autocast = {torch.float32, torch.bfloat16, torch.float16}
+    if len(h_new) != len(h) or any(a.shape != b.shape or (a.dtype != b.dtype and not {a.dtype, b.dtype} <= autocast)
                                    for a, b in zip(h_new, h)):
         raise ValueError(f"cell(h, x) must return a state like h: got {_describe(pack(h_new))} for h = "
                          f"{_describe(pack(h))}")
 
 
-def _autocast_on():
-    try:  # torch >= 2.4
-        return torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch 2.1-2.3
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-
-
-def _check_args(steps, algo, K, mu, truncate, tol, grad_cap, nonfinite):
+def _check_args(steps, algo, K, mu, truncate, tol, grad_cap, nonfinite, halt):
     """The checks that stand between a wrong argument and a silently wrong gradient."""
     if algo not in ALGOS:
         raise ValueError(f"algo must be one of {ALGOS}, got {algo!r}")
@@ -292,6 +288,8 @@ def _check_args(steps, algo, K, mu, truncate, tol, grad_cap, nonfinite):
         (grad_cap is not None and not (isinstance(grad_cap, (int, float)) and grad_cap > 0),
          f"grad_cap must be None or a number > 0 (the paper code used 1), got {grad_cap!r}"),
         (nonfinite not in ("raise", "record"), f"nonfinite must be 'raise' or 'record', got {nonfinite!r}"),
+        (halt is not None and not (isinstance(halt, (int, float)) and halt >= 0 and not torch.is_grad_enabled()),
+         f"halt is for evaluation: a number >= 0, under torch.no_grad(); got {halt!r}"),
     ]
     for bad, message in problems:
         if bad:

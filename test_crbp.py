@@ -465,6 +465,27 @@ def test_vjp_option_on_a_tuple_state_through_torch_func():
             assert rel(a, b) < 1e-10
 
 
+def test_halt_stops_each_sample_at_its_own_fixed_point():
+    # h_t = a h_{t-1} + x from 0, a per sample: the step changes h by a^(t-1) x, i.e. by
+    # a^(t-1) (1 - a) / (1 - a^t) relative to h_t. Fast contractions halt first; the batch runs on.
+    a = torch.tensor([0.1, 0.5, 0.9])[:, None]
+    x, tol = torch.ones(3, D), 1e-3
+    want = [next(t for t in range(1, 200) if ai ** (t - 1) * (1 - ai) / (1 - ai ** t) <= tol)
+            for ai in a[:, 0].tolist()]
+    seen = []
+    with torch.no_grad():
+        state, _, stats = crbp.run(lambda h, x: a * h + x, x, torch.zeros(3, D), steps=200, algo="c-rbp", halt=tol,
+                                   on_step=lambda t, h: seen.append(t))
+    assert stats.halted.tolist() == want and want[0] < want[1] < want[2] and seen[-1] == want[2]
+    for i, n in enumerate(want):  # each sample keeps the state of the step it halted at
+        assert torch.allclose(state[i], x[i] * (1 - a[i] ** n) / (1 - a[i]), rtol=1e-12, atol=0)
+    with torch.no_grad():  # a sample that never halts takes every step
+        _, _, stats = crbp.run(lambda h, x: a * h + x, x, torch.zeros(3, D), steps=want[0] + 1, algo="bptt", halt=tol)
+    assert stats.halted.tolist() == [want[0], want[0] + 1, want[0] + 1]
+    with pytest.raises(ValueError, match="halt is for evaluation"):
+        crbp.run(lambda h, x: a * h + x, x, torch.zeros(3, D), steps=10, algo="bptt", halt=tol)
+
+
 def test_bf16_autocast_accumulates_in_float32_and_stays_close():
     cell, x, h0, r = (z.float() if isinstance(z, torch.Tensor) else z.float() for z in conv_setup())
     x = x.detach().requires_grad_()
