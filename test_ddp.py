@@ -64,7 +64,7 @@ def grad_worker(rank, world, port, algo, path):
                         "names": [n for n, _ in model.named_parameters()],
                         "penalty": [o.penalty.item() for _, o in parts], "stats": [o.stats for _, o in parts]}, path)
     finally:
-        dist.destroy_process_group()
+        train.end_group()  # barrier, then leave: see train.end_group
 
 
 @pytest.mark.parametrize("algo", ["c-rbp", "bptt"])
@@ -138,3 +138,42 @@ def test_two_rank_run_in_pieces_equals_one_uninterrupted_two_rank_run(tmp_path):
     assert a["iteration"] == b["iteration"] == 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def nan_worker(rank, world, port, argv):
+    """Rank 1 alone meets a non-finite loss at its second step: every rank must stop (none may hang in DDP)."""
+    join(rank, world, port)
+    loss, calls = report.TASKS["mazes"].loss, [0]
+
+    def bad_loss(*a):
+        calls[0] += 1
+        return loss(*a) * (float("nan") if rank == 1 and calls[0] == 2 else 1)
+    report.TASKS["mazes"] = report.TASKS["mazes"]._replace(loss=bad_loss)
+    train.main(argv)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    run = tmp_path / "run"
+    ctx = mp.spawn(nan_worker, args=(2, free_port(), tiny(run, "--eval-every", "4")), nprocs=2, join=False)
+    try:  # not ctx.join(), which would terminate the other rank as soon as one fails
+        for p in ctx.processes:
+            p.join(timeout=60)
+        assert all(not p.is_alive() for p in ctx.processes), "a rank hangs"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 1 for p in ctx.processes)
+    rows = report.read_metrics(run)
+    assert "another rank" in rows[-1]["error"] and rows[-1]["images"] == 4
+    assert checkpoint(run)["iteration"] == 1  # the last good checkpoint, at 4 images
+
+
+@pytest.mark.slow
+def test_one_process_run_resumes_on_two_ranks(tmp_path):
+    run = tmp_path / "run"
+    train.main(tiny(run, "--until", "12"))
+    torchrun(["--resume", str(run)])
+    end = checkpoint(run)
+    assert (end["iteration"], end["world"]) == (6, 2) and (run / "model.pt").is_file()
+    assert [r["images"] for r in report.read_metrics(run) if "eval" in r] == [0, 8, 16, 24]

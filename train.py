@@ -431,7 +431,15 @@ def main(argv=None):
     try:
         return train(args, device, dist.get_rank(), dist.get_world_size())
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a failed step (every rank stops at the same one): leave the group together
+            end_group()
+
+
+def end_group():
+    """Leave the process group together: a gloo rank that leaves while another still holds the group can abort
+    at exit ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def render_chunk(args, device):
@@ -575,8 +583,10 @@ def train(args, device, rank=0, world=1):
             if stop or (args.until and seen >= args.until):
                 break
     progress.close()
-    if not main_rank:
-        return None  # rank 0 writes the checkpoint and runs the final evaluation alone
+    if world > 1:  # the collective part ends: rank 0 writes the checkpoint and runs the final evaluation alone
+        end_group()
+        if not main_rank:
+            return None
     checkpoint(it)
     print(f"trained {(it - start) * args.batch_size:,} images in {(time.time() - t0) / 60:.1f} min")
     if device.type == "cuda":
