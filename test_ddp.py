@@ -82,7 +82,7 @@ def test_ddp_gradient_equals_one_process_with_batchnorm_in_groups(tmp_path, algo
                 continue
             assert g is not None, name
             err = (g - want).abs().max() / want.abs().max().clamp_min(1e-300)
-            assert err < 1e-6, (name, err.item())
+            assert err < 1e-10, (name, err.item())  # the spec asks 1e-6; it is 1e-16 here
 
 
 def test_ranks_render_the_one_process_batch_split_in_parts():

@@ -498,7 +498,8 @@ def train(args, device, rank=0, world=1):
           f"LCP weight {args.penalty_weight if args.algo.startswith('c-') else 0}")
     ranks = (f" | global batch {args.batch_size} = {world} ranks x {local_batch} images per rank, BatchNorm "
              + ("synchronised" if args.sync_bn else "per rank"))
-    say(f"device {gpu}{ranks if world > 1 else ''}, torch {torch.__version__}, amp {'bf16' if args.amp else 'off'}, compile "
+    say(f"device {gpu}{ranks if world > 1 else ''}, torch {torch.__version__}, amp {'bf16' if args.amp else 'off'}, "
+          f"compile "
           f"{'on' if args.compile else 'off'}{', fft conv' if args.conv == 'fft' else ''} | {args.batch_size} "
           f"images/step x {iters:,} steps = {iters * args.batch_size:,} images, {args.schedule} lr {args.lr} | "
           f"run dir {args.out}" + (f" | resuming at step {start:,}" if start else ""))
@@ -545,10 +546,11 @@ def train(args, device, rank=0, world=1):
                     raise FloatingPointError(f"non-finite loss ({out.stats})")
             except FloatingPointError as e:  # crbp.run raises it too, for a non-finite state
                 error = str(e)
-            stop = ctrl_c.asked or bool(args.until_minutes and time.time() - t0 > 60 * args.until_minutes)
+            asked = lambda: ctrl_c.asked or bool(args.until_minutes and time.time() - t0 > 60 * args.until_minutes)
+            stop = None  # one process: asked() after the step
             if world > 1:  # every rank takes the same branches: one rank's error or stop request stops them all
                 ok = error is None
-                agreed = torch.tensor([not ok, stop, loss.item() if ok else 0, out.penalty.item() if ok else 0],
+                agreed = torch.tensor([not ok, asked(), loss.item() if ok else 0, out.penalty.item() if ok else 0],
                                       dtype=torch.float64, device=device)
                 dist.all_reduce(agreed)
                 if agreed[0] and ok:
@@ -580,7 +582,7 @@ def train(args, device, rank=0, world=1):
                     log_jsonl(args.out, {"images": seen, "eval": quick})
                     progress.note(f"held-out check at {seen:,} images: {text}")
                     checkpoint(it)
-            if stop or (args.until and seen >= args.until):
+            if (asked() if stop is None else stop) or (args.until and seen >= args.until):
                 break
     progress.close()
     if world > 1:  # the collective part ends: rank 0 writes the checkpoint and runs the final evaluation alone
