@@ -14,6 +14,8 @@ From a saved run: every table and figure again, or another test set (here 25-pad
     python train.py --eval runs/pathfinder-14 --length 25 --steps 40
 Compare the state-space drift of two runs (two-sample KS test):
     python train.py --ks runs/bptt runs/crbp
+On N GPUs of one machine (DistributedDataParallel; --batch-size is the global batch, N x the per-GPU one):
+    torchrun --standalone --nproc_per_node 4 train.py --preset pathfinder --batch-size 128
 
 Data are rendered on the training device every iteration (data.py): no dataset on disk. A run directory
 holds config.json, metrics.jsonl, checkpoint.pt (written atomically), and when the run is finished
@@ -32,6 +34,8 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import crbp
 import data
@@ -86,7 +90,11 @@ def get_parser():
     a("--mu", type=float, default=0.9, help="LCP bound on the Jacobian's column sums, in [0, 1) (paper 0.9)")
     a("--penalty-weight", type=float, default=10.0, help="weight of the LCP in the loss, >= 0 (paper 10)")
     a("--truncate", type=int, default=None, help="tbptt: backpropagate through this many last steps")
-    a("--batch-size", type=int, default=32, help="images per step (the paper: 32 per GPU)")
+    a("--batch-size", type=int, default=32,
+      help="images per step, over all ranks under torchrun (the paper: 32 per GPU, 4 GPUs: 128)")
+    a("--sync-bn", action="store_true",
+      help="under torchrun: BatchNorm statistics over the global batch (torch.nn.SyncBatchNorm, GPUs only, "
+           "bptt/tbptt only); default: per-rank statistics, as the paper's DataParallel had")
     a("--lr", type=float, default=1e-3, help="Adam learning rate, > 0 (paper 1e-3, constant)")
     a("--schedule", default="cosine", choices=["constant", "cosine"],
       help="constant is the paper's; cosine decay after warmup reaches high accuracy in fewer images")
@@ -232,6 +240,19 @@ def check_args(parser, args):
             parser.error(f"--grid / --eval-lengths must be odd, >= 3 and fit --canvas {args.canvas} "
                          f"(a grid-n maze is 2n+6 px), got {n}")
     check_device(parser, args.device)
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets it
+    if world > 1 and (args.report or args.eval):
+        mode = "report" if args.report else "eval"
+        parser.error(f"--{mode} runs in one process: python train.py --{mode} {args.out}, without torchrun")
+    if world > 1 and args.batch_size % world:
+        parser.error(f"--batch-size is the global batch: it must be a multiple of the {world} ranks, got "
+                     f"{args.batch_size}")
+    if args.sync_bn and (args.algo not in ("bptt", "tbptt") or args.conv == "fft"):
+        parser.error("--sync-bn is for --algo bptt or tbptt without --fast/--conv fft: SyncBatchNorm has no double "
+                     "backward (the LCP), its backward all-reduces once per Neumann term (which ranks may stop at "
+                     "different terms), and the fast path's hand-written VJP assumes per-rank BatchNorm")
+    if args.sync_bn and (args.device == "cpu" or not torch.cuda.is_available()):
+        parser.error("--sync-bn needs CUDA GPUs (torch.nn.SyncBatchNorm does not run on the CPU)")
     if not (args.report or args.eval):
         check_run_dir(parser, args)
     elif not any(os.path.isfile(os.path.join(args.out, f)) for f in ("model.pt", "checkpoint.pt")):
@@ -346,12 +367,14 @@ class Progress:
     """One updating line on a terminal, plain lines (one every `every` seconds) when piped; note() prints a
     line of its own that the progress line does not overwrite."""
 
-    def __init__(self, total, every=30.0):
-        self.total, self.every, self.tty = total, every, sys.stdout.isatty()
+    def __init__(self, total, every=30.0, quiet=False):
+        self.total, self.every, self.tty, self.quiet = total, every, sys.stdout.isatty(), quiet
         self.last, self.open = time.time(), False
 
     def update(self, done, images_per_s, text):
         now = time.time()
+        if self.quiet:
+            return
         if not self.tty and now - self.last < self.every and done < self.total:
             return
         eta = (self.total - done) / max(images_per_s, 1e-9)
@@ -361,7 +384,8 @@ class Progress:
 
     def note(self, line):
         self.close()
-        print(line, flush=True)
+        if not self.quiet:
+            print(line, flush=True)
 
     def close(self):
         if self.open:
@@ -397,21 +421,54 @@ def main(argv=None):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.report or args.eval:
         return evaluate_saved(args, device)
-    return train(args, device)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return train(args, device)
+    # under torchrun: one process per device (cuda:LOCAL_RANK), NCCL between GPUs, gloo between CPU processes
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return train(args, device, dist.get_rank(), dist.get_world_size())
+    finally:
+        if dist.is_initialized():  # a failed step (every rank stops at the same one): leave the group together
+            end_group()
 
 
-def train(args, device):
-    task = report.TASKS[args.task]
+def end_group():
+    """Leave the process group together: a gloo rank that leaves while another still holds the group can abort
+    at exit ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def render_chunk(args, device):
+    """Images per render call: a multiple of the global batch, so that rank r's part of batch `it` (batch index
+    it * world + r of the per-rank stream) is exactly part r of the batch one process renders for `it`."""
+    per = data.RENDER_CHUNK // args.batch_size if device.type == "cuda" else 1
+    return max(1, per) * args.batch_size
+
+
+def train(args, device, rank=0, world=1):
+    """One process, or rank `rank` of `world` under torchrun: each rank trains on its own part of every global
+    batch (BatchNorm statistics per rank unless --sync-bn) and DDP averages the gradients; rank 0 alone prints,
+    logs, runs the held-out evaluations and writes the run directory."""
+    task, main_rank, local_batch = report.TASKS[args.task], rank == 0, args.batch_size // world
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True  # shapes are fixed across steps: let cuDNN pick its fastest convs
     try:
         model = models.build(args.model, task=task.name, **model_options(args)).to(device)
     except ValueError as e:
         get_parser().error(f"--model {args.model}: {e}")
-    if args.out is None:  # a dry run without --out
+    if args.out is None and main_rank:  # a dry run without --out
         args.out = tempfile.mkdtemp(prefix="crbp-dry-run-")
     if args.compile and model.recurrent:
         model.compile_cell()
+    net = model  # what the training step calls; evaluations and checkpoints use the model itself
+    if world > 1:
+        if args.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     iters, start = math.ceil(args.images / args.batch_size), 0
     if args.resume:
@@ -425,8 +482,9 @@ def train(args, device):
         torch.set_rng_state(ck["rng"])
         if device.type == "cuda" and ck.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ck["cuda_rng"], device)
-        trim_metrics(args.out, start * args.batch_size)
-    else:
+        if main_rank:
+            trim_metrics(args.out, start * args.batch_size)
+    elif main_rank:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump({k: v for k, v in vars(args).items() if k not in NOT_SAVED}, f, indent=1)
@@ -434,16 +492,21 @@ def train(args, device):
 
     n_params = sum(p.numel() for p in model.parameters())
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.task} {task.knob} {getattr(args, task.knob)} | {args.model} ({n_params:,} parameters) | "
+    say = print if main_rank else (lambda *a, **k: None)
+    say(f"{args.task} {task.knob} {getattr(args, task.knob)} | {args.model} ({n_params:,} parameters) | "
           f"{args.algo}, T={args.steps}, K={args.neumann_steps}, mu={args.mu}, "
           f"LCP weight {args.penalty_weight if args.algo.startswith('c-') else 0}")
-    print(f"device {gpu}, torch {torch.__version__}, amp {'bf16' if args.amp else 'off'}, compile "
+    ranks = (f" | global batch {args.batch_size} = {world} ranks x {local_batch} images per rank, BatchNorm "
+             + ("synchronised" if args.sync_bn else "per rank"))
+    say(f"device {gpu}{ranks if world > 1 else ''}, torch {torch.__version__}, amp {'bf16' if args.amp else 'off'}, "
+          f"compile "
           f"{'on' if args.compile else 'off'}{', fft conv' if args.conv == 'fft' else ''} | {args.batch_size} "
           f"images/step x {iters:,} steps = {iters * args.batch_size:,} images, {args.schedule} lr {args.lr} | "
           f"run dir {args.out}" + (f" | resuming at step {start:,}" if start else ""))
 
     def checkpoint(it):
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,  # of global batches
+                 "images": it * args.batch_size, "world": world,
                  "rng": torch.get_rng_state(), "build": model.build_config,
                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         path = os.path.join(args.out, "checkpoint.pt")
@@ -458,8 +521,8 @@ def train(args, device):
         quick = report.evaluate(model, args, device, args.steps, n_images)
         return quick, f"{task.metric} {quick[task.metric]:.4f} on {n_images} test images (chance: {task.chance})"
 
-    progress, t0, seen0 = Progress(iters * args.batch_size), time.time(), start * args.batch_size
-    if start == 0:  # the untrained model's held-out score, so the learning curve starts at 0 images
+    progress, t0, seen0 = Progress(iters * args.batch_size, quiet=not main_rank), time.time(), start * args.batch_size
+    if start == 0 and main_rank:  # the untrained model's held-out score, so the learning curve starts at 0 images
         quick, text = held_out(min(256, args.eval_images))
         log_jsonl(args.out, {"images": 0, "eval": quick})
         progress.note(f"before training: held-out {text}")
@@ -470,40 +533,62 @@ def train(args, device):
         while it < iters:
             for group in opt.param_groups:
                 group["lr"] = lr_at(args, it, iters)
-            images, target, free = data.task_batch(task.name, it, args.batch_size, split="train", device=device,
+            images, target, free = data.task_batch(task.name, it * world + rank, local_batch, split="train",
+                                                   device=device, chunk=render_chunk(args, device),
                                                    **report.data_options(args))
+            error = None
             try:
                 with report.autocast(args, device):
-                    out = report.forward(model, images, args.steps, **crbp_options(args))
+                    out = (net(images, steps=args.steps, **crbp_options(args)) if model.recurrent else net(images))
                 loss = task.loss(out.logits, target, free)
                 total = loss + args.penalty_weight * out.penalty if args.algo.startswith("c-") else loss
                 if not torch.isfinite(total):  # one sync per step; cheap next to a recurrent step
                     raise FloatingPointError(f"non-finite loss ({out.stats})")
             except FloatingPointError as e:  # crbp.run raises it too, for a non-finite state
+                error = str(e)
+            asked = lambda: ctrl_c.asked or bool(args.until_minutes and time.time() - t0 > 60 * args.until_minutes)
+            stop = None  # one process: asked() after the step
+            if world > 1:  # every rank takes the same branches: one rank's error or stop request stops them all
+                ok = error is None
+                agreed = torch.tensor([not ok, asked(), loss.item() if ok else 0, out.penalty.item() if ok else 0],
+                                      dtype=torch.float64, device=device)
+                dist.all_reduce(agreed)
+                if agreed[0] and ok:
+                    error = "non-finite loss or state on another rank"
+                stop, logged = bool(agreed[1]), (agreed[2] / world, agreed[3] / world)  # the mean over ranks
+            else:
+                logged = (loss.detach(), out.penalty.detach()) if error is None else None
+            if error is not None:
                 progress.close()
-                log_jsonl(args.out, {"images": it * args.batch_size, "error": str(e)})
-                raise SystemExit(f"stopped at step {it:,}: {e}. The last good checkpoint is kept in {args.out}. "
-                                 "Lower --lr, raise --penalty-weight, or try --algo c-bptt") from None
+                if main_rank:
+                    log_jsonl(args.out, {"images": it * args.batch_size, "error": error})
+                raise SystemExit(f"stopped at step {it:,}: {error}. The last good checkpoint is kept in {args.out}. "
+                                 "Lower --lr, raise --penalty-weight, or try --algo c-bptt")
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
             it += 1
             seen = it * args.batch_size
             rate = (seen - seen0) / (time.time() - t0)
-            if it % 10 == 0 or it == iters:
-                progress.update(seen, rate, f"loss {loss.item():.4f} LCP {out.penalty.item():.2e}")
-                log_jsonl(args.out, {"images": seen, "loss": loss.item(), "penalty": out.penalty.item(),
+            if main_rank and (it % 10 == 0 or it == iters):  # stats: rank 0's Neumann series and residual
+                loss_i, penalty_i = (float(v) for v in logged)
+                progress.update(seen, rate, f"loss {loss_i:.4f} LCP {penalty_i:.2e}")
+                log_jsonl(args.out, {"images": seen, "loss": loss_i, "penalty": penalty_i,
                                      "lr": opt.param_groups[0]["lr"], **(out.stats.as_dict() if out.stats else {})})
             if seen >= next_eval or it == iters:
                 next_eval += args.eval_every
-                quick, text = held_out(min(256, args.eval_images))
-                log_jsonl(args.out, {"images": seen, "eval": quick})
-                progress.note(f"held-out check at {seen:,} images: {text}")
-                checkpoint(it)
-            if ctrl_c.asked or (args.until and seen >= args.until) or (
-                    args.until_minutes and time.time() - t0 > 60 * args.until_minutes):
+                if main_rank:  # the other ranks wait for it in the next step's all-reduce
+                    quick, text = held_out(min(256, args.eval_images))
+                    log_jsonl(args.out, {"images": seen, "eval": quick})
+                    progress.note(f"held-out check at {seen:,} images: {text}")
+                    checkpoint(it)
+            if (asked() if stop is None else stop) or (args.until and seen >= args.until):
                 break
     progress.close()
+    if world > 1:  # the collective part ends: rank 0 writes the checkpoint and runs the final evaluation alone
+        end_group()
+        if not main_rank:
+            return None
     checkpoint(it)
     print(f"trained {(it - start) * args.batch_size:,} images in {(time.time() - t0) / 60:.1f} min")
     if device.type == "cuda":
