@@ -34,7 +34,8 @@ def focal_loss(logits, target, gamma=2.0):
     modulating factor, as in the paper code. logits (B, 2, H, W), target (B, H, W) long. Computed in the
     logits' dtype, or float32 where that is narrower (bf16 under autocast), so float64 checks stay float64.
     """
-    logp_t = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), 1).gather(1, target[:, None])[:, 0]  # (B, H, W)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp_t = F.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]  # (B, H, W)
     return (-(1 - logp_t.detach().exp()) ** gamma * logp_t).mean()
 
 
