@@ -150,10 +150,11 @@ def neumann(JT: Callable, g, K: int = 15, tol: float = 1e-6, faithful: bool = Fa
         if not math.isfinite(norms[-1]) or (faithful and norms[-1] > norms[-2]):
             stop = "nonfinite" if not math.isfinite(norms[-1]) else "diverging"
             break
-        if grad_cap is not None and _norm([a + b for a, b in zip(G, v)]) > grad_cap:
+        G_next = [a + b for a, b in zip(G, v)]
+        if grad_cap is not None and _norm(G_next) > grad_cap:
             stop = "grad_cap"
             break
-        G, terms = [a + b for a, b in zip(G, v)], k
+        G, terms = G_next, k
         if norms[-1] < best[2]:
             best = (G, k, norms[-1])
         if norms[-1] <= tol * norms[0] or norms[-1] > GROWTH * norms[0]:
