@@ -9,7 +9,8 @@ state-space analysis with its KS test, and the figures and tables of a run direc
 
 `cfg` is any object with the attributes of train.py's config.json (task, seed, length, size, grid,
 canvas, steps, eval_steps, eval_images, eval_batch_size, eval_lengths, amp, model, algo, out).
-Evaluation images come from data.py's test seed stream only, which training never draws from.
+Evaluation images come from data.py's test seed stream only, which training never draws from. Under
+torchrun, `evaluate` splits the batches over the ranks and every rank gets the one-process metrics.
 """
 import argparse
 import json
@@ -18,6 +19,7 @@ import os
 from typing import Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -135,27 +137,43 @@ def data_options(cfg, **override):
             **override}
 
 
+def ranks():
+    """(rank, world size) under torch.distributed (torchrun), else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @torch.no_grad()
 def evaluate(model, cfg, device, steps, n_images, per_step=False, **knob):
     """Held-out metrics at `steps`, or (per_step=True) at every t = 1..steps: a dict, or a list of dicts
-    indexed by t - 1. knob: length=N (Pathfinder) or grid=N (mazes) for another test set."""
+    indexed by t - 1. knob: length=N (Pathfinder) or grid=N (mazes) for another test set.
+
+    Under torch.distributed every rank must call it: rank r scores the batches b = r, r + world, ..., the
+    per-batch records are gathered, and every rank returns exactly the metrics of one process."""
     task, device = TASKS[cfg.task], torch.device(device)
+    rank, world = ranks()
+    if world > 1:  # BatchNorm's running statistics drift apart per rank in training: use rank 0's (the checkpoint's)
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     was_training = model.training
     model.eval()
     bs = min(cfg.eval_batch_size, n_images)
-    results = None
-    for b in range(math.ceil(n_images / bs)):
+    records = {}  # batch index -> [its record after each step]
+    for b in range(rank, math.ceil(n_images / bs), world):
         images, target, free = data.task_batch(task.name, b, bs, split="test", device=device,
                                                **data_options(cfg, **knob))
         with autocast(cfg, device):
             out = forward(model, images, steps, algo="bptt", per_step=per_step)
         logits_t = out.per_step if out.per_step is not None else [out.logits]  # T x (B, classes, ...)
-        if results is None:
-            results = [[] for _ in logits_t]
-        for r, logits in zip(results, logits_t):
-            r.append(task.score(logits, target, free))
+        records[b] = [task.score(logits, target, free).cpu() for logits in logits_t]
     model.train(was_training)
-    summary = [task.summarize(r) for r in results]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, records)
+        records = {b: r for part in parts for b, r in part.items()}
+    per_t = zip(*(records[b] for b in sorted(records)))  # for each t, the records of every batch in order
+    summary = [task.summarize(list(r)) for r in per_t]
     return summary if per_step else summary[0]
 
 
@@ -316,7 +334,8 @@ def plot_run(cfg, rows, per_step):
 
 def full(model, cfg, device):
     """Held-out metrics at the trained T, per-step curves (also on --eval-lengths), the state-space analysis
-    and every figure; printed as a short table and saved in cfg.out (report.json, state_space.json)."""
+    and every figure; printed as a short table and saved in cfg.out (report.json, state_space.json). Under
+    torchrun every rank calls it and shares the evaluations; rank 0 alone analyses, draws and writes."""
     task, device = TASKS[cfg.task], torch.device(device)
     metric, knob = task.curve, getattr(cfg, task.knob)
     curves = {knob: evaluate(model, cfg, device, cfg.eval_steps, cfg.eval_images, per_step=True)}
@@ -329,6 +348,8 @@ def full(model, cfg, device):
         final = evaluate(model, cfg, device, cfg.steps, cfg.eval_images)
     for n in cfg.eval_lengths or []:
         curves[n] = evaluate(model, cfg, device, cfg.eval_steps, cfg.eval_images, per_step=True, **{task.knob: n})
+    if ranks()[0] != 0:  # under torchrun the evaluations above are collective; the rest is rank 0's alone
+        return final
     drift = analyse_states(model, cfg, device) if model.recurrent else torch.zeros(0)
     per_step = {str(n): [c[metric] for c in crv] for n, crv in curves.items()}
     with open(os.path.join(cfg.out, "state_space.json"), "w") as f:

@@ -6,6 +6,7 @@ the LCP (a create_graph VJP in the forward) and the Neumann series (VJPs inside 
 with every parameter's gradient exactly once: a parameter missed would keep its local gradient, one reduced twice
 would raise.
 """
+import argparse
 import copy
 import os
 import socket
@@ -83,6 +84,51 @@ def test_ddp_gradient_equals_one_process_with_batchnorm_in_groups(tmp_path, algo
             assert g is not None, name
             err = (g - want).abs().max() / want.abs().max().clamp_min(1e-300)
             assert err < 1e-10, (name, err.item())  # the spec asks 1e-6; it is 1e-16 here
+
+
+EVAL_CFG = argparse.Namespace(task="pathfinder", seed=0, length=6, size=75, grid=11, canvas=32, eval_batch_size=2,
+                              amp=False)
+
+
+def eval_models():  # the hGRU for the per-step curve, FF for BatchNorm running statistics (the hGRU keeps none)
+    torch.manual_seed(0)
+    return models.build("hgru", task="pathfinder-seg", kernel=5), models.build("ff", task="pathfinder-seg")
+
+
+def evaluations(hgru, ff):
+    return {"curve": report.evaluate(hgru, EVAL_CFG, "cpu", 3, 10, per_step=True),  # 5 batches over 2 ranks
+            "final": report.evaluate(hgru, EVAL_CFG, "cpu", 3, 10), "ff": report.evaluate(ff, EVAL_CFG, "cpu", 1, 10)}
+
+
+def eval_worker(rank, world, port, path):
+    join(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        hgru, ff = eval_models()
+        for name, buffer in ff.named_buffers():  # per-rank BatchNorm statistics, as after DDP training
+            if "running_mean" in name:
+                buffer.add_(rank)
+        torch.save({**evaluations(hgru, ff), "buffers": dict(ff.named_buffers())}, f"{path}.{rank}")
+    finally:
+        train.end_group()
+
+
+def test_evaluation_split_over_ranks_equals_one_process(tmp_path):
+    """Rank r scores batches r, r + 2, ... with rank 0's BatchNorm statistics; every rank gets the metrics of one
+    process that evaluates rank 0's model on all the batches."""
+    mp.spawn(eval_worker, args=(2, free_port(), str(tmp_path / "eval")), nprocs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same float32 sums to the last bit
+    try:
+        want = evaluations(*eval_models())
+    finally:
+        torch.set_num_threads(threads)
+    buffers = dict(eval_models()[1].named_buffers())
+    for rank in range(2):
+        got = torch.load(f"{tmp_path / 'eval'}.{rank}", weights_only=False)
+        assert all(torch.equal(got["buffers"][k], b) for k, b in buffers.items())  # rank 0's statistics
+        assert {k: got[k] for k in want} == want
+    assert len(want["curve"]) == 3 and 0 < want["final"]["f1"] < 1  # a real score
 
 
 def test_ranks_render_the_one_process_batch_split_in_parts():

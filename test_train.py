@@ -12,6 +12,7 @@ import torch
 
 import figures
 import models
+import options
 import report
 import train
 
@@ -304,7 +305,7 @@ def test_a_finished_run_is_not_overwritten_and_says_how_to_start_afresh(tmp_path
     (tmp_path / "runs" / "pathfinder-cpu").mkdir(parents=True)
     (tmp_path / "runs" / "pathfinder-cpu" / "model.pt").write_bytes(b"")
     with pytest.raises(SystemExit):
-        train.parse_args(["--preset", "pathfinder-cpu"])
+        options.parse_args(["--preset", "pathfinder-cpu"])
     assert "make clean" in capsys.readouterr().err
 
 
@@ -438,11 +439,12 @@ def test_ks_compare_of_two_runs(tmp_path, capsys):
 
 
 def test_imports_go_one_way():
-    """Each module imports only modules below it: figures, crbp, data, fastpath, cells, models, report, then the
-    programs (train, bench, panoptic). No circles, and report.py never needs train.py."""
+    """Each module imports only modules below it: figures, crbp, data, fastpath, cells, models, report, options, then
+    the programs (train, bench, panoptic). No circles, and report.py never needs train.py."""
     import ast
     import pathlib
-    order = ["figures", "crbp", "data", "fastpath", "cells", "models", "report", "train", "bench", "panoptic"]
+    order = ["figures", "crbp", "data", "fastpath", "cells", "models", "report", "options", "train", "bench",
+             "panoptic"]
     for path in pathlib.Path(__file__).parent.glob("*.py"):
         if path.stem not in order:
             continue
