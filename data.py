@@ -131,6 +131,110 @@ def mazes(batch, grid=11, *, canvas=None, split="train", seed=0, device=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Panoptic scenes, the task of panoptic.py: thin same-colour curves that cross and occlude, and blobs, over
+# two textures
+
+THINGS = ("curve", "blob")          # thing categories 0, 1; semantic labels: 0 = things, 1, 2 = stuff
+STUFF = ("stripes-h", "stripes-v")  # stuff categories 2, 3 (semantic labels 1, 2); 255 = void
+IGNORE = 255
+
+
+def panoptic(batch, size=128, *, curves=4, blobs=2, length=90.0, stroke=2.5, curvature=0.25, min_area=16,
+             split="train", seed=0, device=None):
+    """B images (B, 3, S, S) in [0, 1] with their panoptic ground truth, rendered with tensor ops.
+
+    Stuff: two classes told apart by texture only (horizontal vs vertical stripes, same colours, noise), in
+    regions of a thresholded, bicubically upsampled 4 x 4 Gaussian field. Things: `curves` smooth random
+    walks of `length` px and `stroke` px wide (all curves of an image share one colour) and `blobs` rotated
+    ellipses (another colour), composited in a random z-order; visible masks in painter's order, boxes from
+    the visible masks; instances with fewer than `min_area` visible pixels become void. Sizes scale with
+    size / 128.
+    Returns a dict: image; semantic (B, S, S) (0 things, 1..2 stuff, 255 void); masks (B, N, S, S) bool;
+    labels, valid (B, N); boxes (B, N, 4) [x1, y1, x2, y2) in pixels; pan (B, S, S) ids (0 void, 1..N
+    things, N+1.. stuff); pan_cats (B, N + 3).
+    """
+    if not (isinstance(size, int) and size >= 32 and size % 8 == 0):
+        raise ValueError(f"size must be an int >= 32 and a multiple of 8 (the backbone's stride), got {size!r}")
+    if not (isinstance(batch, int) and batch >= 1 and curves >= 0 and blobs >= 0 and curves + blobs >= 1):
+        raise ValueError(f"pass batch >= 1 and curves + blobs >= 1, got {batch!r}, {curves!r}, {blobs!r}")
+    g, dev = _generator(device, seed, split)
+    rand = lambda *shape: torch.rand(*shape, generator=g, device=dev)
+    B, S, N, k = batch, size, curves + blobs, size / 128
+    yy = torch.arange(S, device=dev, dtype=torch.float32) + 0.5  # pixel centres
+    # stuff: region from a 4 x 4 field, stripes of period 6 px, shared colours, noise
+    field = F.interpolate(torch.randn(B, 1, 4, 4, generator=g, device=dev), size=(S, S), mode="bicubic",
+                          align_corners=False)[:, 0]
+    stuff = 1 + (field > 0).long()  # (B, S, S) semantic label 1 or 2
+    phase = 2 * math.pi * rand(B, 1, 1)
+    period = 6 * k
+    stripes = torch.where(stuff == 1, torch.sin(2 * math.pi * yy[:, None] / period + phase),
+                          torch.sin(2 * math.pi * yy[None, :] / period + phase))
+    base = 0.35 + 0.3 * rand(B, 3, 1, 1)
+    img = (base + 0.12 * stripes[:, None] + 0.05 * torch.randn(B, 3, S, S, generator=g, device=dev)).clamp(0, 1)
+    # curves: n_seg segments of ~4 px, heading turning by N(0, curvature) per segment; distance to the polyline
+    n_seg = max(2, round(length / 4))  # the same walk at every size, scaled by k
+    head0 = 2 * math.pi * rand(B, curves, 1)
+    turns = curvature * torch.randn(B, curves, n_seg, generator=g, device=dev)
+    ang = head0 + torch.cumsum(turns, 2)  # (B, c, n_seg)
+    step = length * k / n_seg
+    start = (0.2 + 0.6 * rand(B, curves, 1, 2)) * S
+    pts = torch.cat([start, start + torch.cumsum(step * torch.stack([ang.cos(), ang.sin()], -1), 2)], 2)
+    d2 = torch.full((B, curves, S, S), float("inf"), device=dev)
+    for j in range(n_seg):  # separable point-to-segment distance, running min over segments
+        a, d = pts[:, :, j], pts[:, :, j + 1] - pts[:, :, j]  # (B, c, 2)
+        px, py = yy - a[..., :1], yy - a[..., 1:]  # (B, c, S) x and y offsets
+        dx, dy = d[..., 0, None, None], d[..., 1, None, None]  # (B, c, 1, 1)
+        qx, qy = px[:, :, None, :], py[:, :, :, None]  # (B, c, 1, S), (B, c, S, 1)
+        # the closest point a + t d, t = clamp(<p - a, d> / |d|^2, 0, 1)
+        t = ((qx * dx + qy * dy) / (dx.square() + dy.square()).clamp_min(1e-9)).clamp(0, 1)  # (B, c, S, S)
+        d2 = torch.minimum(d2, (qx - t * dx).square() + (qy - t * dy).square())
+    # coverage = clamp(w / 2 + 0.5 - distance, 0, 1): anti-aliased strokes of width w
+    alpha_c = (stroke * k / 2 + 0.5 - d2.sqrt()).clamp(0, 1)
+    # blobs: rotated ellipses, semi-axes 5-11 and 3-6 px
+    c = (0.15 + 0.7 * rand(B, blobs, 2)) * S
+    ax, bx, th = (5 + 6 * rand(B, blobs)) * k, (3 + 3 * rand(B, blobs)) * k, math.pi * rand(B, blobs)
+    dx, dy = yy[None, None, None, :] - c[..., 0, None, None], yy[None, None, :, None] - c[..., 1, None, None]
+    u = dx * th.cos()[..., None, None] + dy * th.sin()[..., None, None]
+    v = -dx * th.sin()[..., None, None] + dy * th.cos()[..., None, None]
+    r = (u / ax[..., None, None]).square() + (v / bx[..., None, None]).square()
+    alpha_b = ((1 - r.sqrt()) * bx[..., None, None] + 0.5).clamp(0, 1)
+    alpha = torch.cat([alpha_c, alpha_b], 1)  # (B, N, S, S)
+    labels = torch.cat([torch.zeros(B, curves), torch.ones(B, blobs)], 1).long().to(dev)
+    # colours: one per thing class and image, saturated, far from the grey stuff
+    hue = rand(B, 1)
+    hues = torch.cat([hue, (hue + 0.33 + 0.33 * rand(B, 1)) % 1], 1)  # (B, 2)
+    # HSV (h, 1, 1) -> RGB: channel = clamp(|6h + offset mod 6 - 3| - 1, 0, 1)
+    rgb = (((6 * hues[..., None] + torch.tensor([0.0, 4.0, 2.0], device=dev)) % 6 - 3).abs() - 1).clamp(0, 1)
+    colour = rgb.gather(1, labels[..., None].expand(-1, -1, 3))  # (B, N, 3)
+    # painter's order: a random z-order, back to front; a pixel belongs to the front-most cover >= 0.5
+    z = torch.argsort(rand(B, N), 1)  # z[b, r] = the instance drawn r-th
+    owner = torch.full((B, S, S), -1, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)
+    for r_ in range(N):
+        i = z[:, r_]
+        a = alpha[rows, i][:, None]  # (B, 1, S, S)
+        img = img * (1 - a) + colour[rows, i][..., None, None] * a
+        owner = torch.where(alpha[rows, i] >= 0.5, i[:, None, None], owner)
+    masks = owner[:, None] == torch.arange(N, device=dev)[None, :, None, None]  # (B, N, S, S) disjoint
+    area = masks.flatten(2).sum(2)
+    valid = area >= min_area
+    void = (owner >= 0) & ~valid.gather(1, owner.clamp_min(0).flatten(1)).view(B, S, S)
+    masks &= valid[..., None, None]
+    # tight boxes [x1, x2) x [y1, y2) of the visible masks
+    cols, rws = masks.any(2), masks.any(3)  # (B, N, S)
+    ar = torch.arange(S, device=dev)
+    x1 = torch.where(cols, ar, S).amin(2); x2 = torch.where(cols, ar + 1, 0).amax(2)
+    y1 = torch.where(rws, ar, S).amin(2); y2 = torch.where(rws, ar + 1, 0).amax(2)
+    boxes = torch.stack([x1, y1, x2, y2], -1).float() * valid[..., None]
+    semantic = torch.where(owner >= 0, torch.where(void, IGNORE, 0), stuff)
+    pan = torch.where(owner >= 0, torch.where(void, 0, owner + 1), N + stuff)
+    pan_cats = torch.cat([torch.full((B, 1), -1, device=dev), torch.where(valid, labels, -1),
+                          torch.tensor([len(THINGS), len(THINGS) + 1], device=dev).expand(B, -1)], 1).long()
+    return dict(image=img, semantic=semantic, masks=masks, labels=labels, valid=valid, boxes=boxes, pan=pan,
+                pan_cats=pan_cats)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # A task's stream of batches, as train.py trains on it and report.py evaluates on it
 
 TASKS = ("pathfinder-seg", "pathfinder-cls", "mazes")  # the task names of models.py

@@ -8,7 +8,7 @@ What is here (specs: shared/specs/panoptic_spec.md; crbp_official_spec.md ยง5, ย
                                       .penalty (xi * LCP, to add to the loss) and .stats after each forward
     roi_align, mask_targets, mask_loss, paste_masks      RoIAlign and Mask R-CNN's mask plumbing
     panoptic_fusion, pq_stats, pq_summary                Panoptic FPN's fusion rules and panopticapi's PQ
-    render                                               the synthetic task: curves and blobs over texture
+    data.panoptic                                        the synthetic task: curves and blobs over texture
     PanopticModel                                        shallow backbone + FPN + semantic head + mask head
     into_torchvision(maskrcnn, head)                     the head inside a torchvision Mask R-CNN
 
@@ -34,14 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import crbp
+import data
 import figures
 import models
+from data import IGNORE, STUFF, THINGS
 
 HEADS = ("conv4", "hgru")
 HEAD_ALGOS = ("bptt", "c-bptt", "rbp", "c-rbp")
-THINGS = ("curve", "blob")          # thing categories 0, 1; semantic labels: 0 = things, 1, 2 = stuff
-STUFF = ("stripes-h", "stripes-v")  # stuff categories 2, 3 (semantic labels 1, 2); 255 = void
-IGNORE = 255
 
 # ----------------------------------------------------------------------------------------------------------
 # RoIAlign (a transcription of torchvision's roi_align_common.h into grid_sample), masks, the mask loss
@@ -336,115 +335,6 @@ def pq_summary(stats, things=range(len(THINGS))):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The synthetic task: thin same-colour curves that cross and occlude, and blobs, over two textures
-
-
-def _generator(device, seed, split):
-    """As data.py: train draws the even generator seeds 2 seed, test the odd ones, so the streams never meet."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not (isinstance(seed, int) and 0 <= seed < 2 ** 62):
-        raise ValueError(f"seed must be an int in [0, 2**62), got {seed!r}")
-    return torch.Generator(device=device).manual_seed(2 * seed + (split == "test"))
-
-
-def render(batch, size=128, *, curves=4, blobs=2, length=90.0, stroke=2.5, curvature=0.25, min_area=16,
-           split="train", seed=0, device=None):
-    """B images (B, 3, S, S) in [0, 1] with their panoptic ground truth, rendered with tensor ops.
-
-    Stuff: two classes told apart by texture only (horizontal vs vertical stripes, same colours, noise), in
-    regions of a thresholded, bicubically upsampled 4 x 4 Gaussian field. Things: `curves` smooth random
-    walks of `length` px and `stroke` px wide (all curves of an image share one colour) and `blobs` rotated
-    ellipses (another colour), composited in a random z-order; visible masks in painter's order, boxes from
-    the visible masks; instances with fewer than `min_area` visible pixels become void. Sizes scale with
-    size / 128.
-    Returns a dict: image; semantic (B, S, S) (0 things, 1..2 stuff, 255 void); masks (B, N, S, S) bool;
-    labels, valid (B, N); boxes (B, N, 4) [x1, y1, x2, y2) in pixels; pan (B, S, S) ids (0 void, 1..N
-    things, N+1.. stuff); pan_cats (B, N + 3).
-    """
-    if not (isinstance(size, int) and size >= 32 and size % 8 == 0):
-        raise ValueError(f"size must be an int >= 32 and a multiple of 8 (the backbone's stride), got {size!r}")
-    if not (isinstance(batch, int) and batch >= 1 and curves >= 0 and blobs >= 0 and curves + blobs >= 1):
-        raise ValueError(f"pass batch >= 1 and curves + blobs >= 1, got {batch!r}, {curves!r}, {blobs!r}")
-    dev = torch.device(device or "cpu")
-    g = _generator(dev, seed, split)
-    rand = lambda *shape: torch.rand(*shape, generator=g, device=dev)
-    B, S, N, k = batch, size, curves + blobs, size / 128
-    yy = torch.arange(S, device=dev, dtype=torch.float32) + 0.5  # pixel centres
-    # stuff: region from a 4 x 4 field, stripes of period 6 px, shared colours, noise
-    field = F.interpolate(torch.randn(B, 1, 4, 4, generator=g, device=dev), size=(S, S), mode="bicubic",
-                          align_corners=False)[:, 0]
-    stuff = 1 + (field > 0).long()  # (B, S, S) semantic label 1 or 2
-    phase = 2 * math.pi * rand(B, 1, 1)
-    period = 6 * k
-    stripes = torch.where(stuff == 1, torch.sin(2 * math.pi * yy[:, None] / period + phase),
-                          torch.sin(2 * math.pi * yy[None, :] / period + phase))
-    base = 0.35 + 0.3 * rand(B, 3, 1, 1)
-    img = (base + 0.12 * stripes[:, None] + 0.05 * torch.randn(B, 3, S, S, generator=g, device=dev)).clamp(0, 1)
-    # curves: n_seg segments of ~4 px, heading turning by N(0, curvature) per segment; distance to the polyline
-    n_seg = max(2, round(length / 4))  # the same walk at every size, scaled by k
-    head0 = 2 * math.pi * rand(B, curves, 1)
-    turns = curvature * torch.randn(B, curves, n_seg, generator=g, device=dev)
-    ang = head0 + torch.cumsum(turns, 2)  # (B, c, n_seg)
-    step = length * k / n_seg
-    start = (0.2 + 0.6 * rand(B, curves, 1, 2)) * S
-    pts = torch.cat([start, start + torch.cumsum(step * torch.stack([ang.cos(), ang.sin()], -1), 2)], 2)
-    d2 = torch.full((B, curves, S, S), float("inf"), device=dev)
-    for j in range(n_seg):  # separable point-to-segment distance, running min over segments
-        a, d = pts[:, :, j], pts[:, :, j + 1] - pts[:, :, j]  # (B, c, 2)
-        px, py = yy - a[..., :1], yy - a[..., 1:]  # (B, c, S) x and y offsets
-        dx, dy = d[..., 0, None, None], d[..., 1, None, None]  # (B, c, 1, 1)
-        qx, qy = px[:, :, None, :], py[:, :, :, None]  # (B, c, 1, S), (B, c, S, 1)
-        # the closest point a + t d, t = clamp(<p - a, d> / |d|^2, 0, 1)
-        t = ((qx * dx + qy * dy) / (dx.square() + dy.square()).clamp_min(1e-9)).clamp(0, 1)  # (B, c, S, S)
-        d2 = torch.minimum(d2, (qx - t * dx).square() + (qy - t * dy).square())
-    # coverage = clamp(w / 2 + 0.5 - distance, 0, 1): anti-aliased strokes of width w
-    alpha_c = (stroke * k / 2 + 0.5 - d2.sqrt()).clamp(0, 1)
-    # blobs: rotated ellipses, semi-axes 5-11 and 3-6 px
-    c = (0.15 + 0.7 * rand(B, blobs, 2)) * S
-    ax, bx, th = (5 + 6 * rand(B, blobs)) * k, (3 + 3 * rand(B, blobs)) * k, math.pi * rand(B, blobs)
-    dx, dy = yy[None, None, None, :] - c[..., 0, None, None], yy[None, None, :, None] - c[..., 1, None, None]
-    u = dx * th.cos()[..., None, None] + dy * th.sin()[..., None, None]
-    v = -dx * th.sin()[..., None, None] + dy * th.cos()[..., None, None]
-    r = (u / ax[..., None, None]).square() + (v / bx[..., None, None]).square()
-    alpha_b = ((1 - r.sqrt()) * bx[..., None, None] + 0.5).clamp(0, 1)
-    alpha = torch.cat([alpha_c, alpha_b], 1)  # (B, N, S, S)
-    labels = torch.cat([torch.zeros(B, curves), torch.ones(B, blobs)], 1).long().to(dev)
-    # colours: one per thing class and image, saturated, far from the grey stuff
-    hue = rand(B, 1)
-    hues = torch.cat([hue, (hue + 0.33 + 0.33 * rand(B, 1)) % 1], 1)  # (B, 2)
-    # HSV (h, 1, 1) -> RGB: channel = clamp(|6h + offset mod 6 - 3| - 1, 0, 1)
-    rgb = (((6 * hues[..., None] + torch.tensor([0.0, 4.0, 2.0], device=dev)) % 6 - 3).abs() - 1).clamp(0, 1)
-    colour = rgb.gather(1, labels[..., None].expand(-1, -1, 3))  # (B, N, 3)
-    # painter's order: a random z-order, back to front; a pixel belongs to the front-most cover >= 0.5
-    z = torch.argsort(rand(B, N), 1)  # z[b, r] = the instance drawn r-th
-    owner = torch.full((B, S, S), -1, dtype=torch.long, device=dev)
-    rows = torch.arange(B, device=dev)
-    for r_ in range(N):
-        i = z[:, r_]
-        a = alpha[rows, i][:, None]  # (B, 1, S, S)
-        img = img * (1 - a) + colour[rows, i][..., None, None] * a
-        owner = torch.where(alpha[rows, i] >= 0.5, i[:, None, None], owner)
-    masks = owner[:, None] == torch.arange(N, device=dev)[None, :, None, None]  # (B, N, S, S) disjoint
-    area = masks.flatten(2).sum(2)
-    valid = area >= min_area
-    void = (owner >= 0) & ~valid.gather(1, owner.clamp_min(0).flatten(1)).view(B, S, S)
-    masks &= valid[..., None, None]
-    # tight boxes [x1, x2) x [y1, y2) of the visible masks
-    cols, rws = masks.any(2), masks.any(3)  # (B, N, S)
-    ar = torch.arange(S, device=dev)
-    x1 = torch.where(cols, ar, S).amin(2); x2 = torch.where(cols, ar + 1, 0).amax(2)
-    y1 = torch.where(rws, ar, S).amin(2); y2 = torch.where(rws, ar + 1, 0).amax(2)
-    boxes = torch.stack([x1, y1, x2, y2], -1).float() * valid[..., None]
-    semantic = torch.where(owner >= 0, torch.where(void, IGNORE, 0), stuff)
-    pan = torch.where(owner >= 0, torch.where(void, 0, owner + 1), N + stuff)
-    pan_cats = torch.cat([torch.full((B, 1), -1, device=dev), torch.where(valid, labels, -1),
-                          torch.tensor([len(THINGS), len(THINGS) + 1], device=dev).expand(B, -1)], 1).long()
-    return dict(image=img, semantic=semantic, masks=masks, labels=labels, valid=valid, boxes=boxes, pan=pan,
-                pan_cats=pan_cats)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # A small Panoptic FPN: shallow backbone (strides 4, 8) + FPN, a semantic head, RoIAlign on P2, a mask head
 
 
@@ -545,7 +435,7 @@ def evaluate(model, args, device, steps, n_images, per_step=False):
     model.eval()
     stats = None
     for i in range(math.ceil(n_images / args.eval_batch_size)):
-        batch = render(min(args.eval_batch_size, n_images - i * args.eval_batch_size), split="test", seed=i,
+        batch = data.panoptic(min(args.eval_batch_size, n_images - i * args.eval_batch_size), split="test", seed=i,
                        device=device, **task_options(args))
         preds = predict(model, batch, steps, per_step)
         s = torch.stack([pq_stats(batch["pan"], batch["pan_cats"], pan, cats, len(THINGS) + len(STUFF))
@@ -758,7 +648,7 @@ def train(args):
         for group in opt.param_groups:
             group["lr"] = lr_at(args, it)
         seed = args.seed * 1_000_003 + it  # every step's data and proposals follow from (seed, step): resumable
-        batch = render(args.batch_size, seed=seed, device=device, **task_options(args))
+        batch = data.panoptic(args.batch_size, seed=seed, device=device, **task_options(args))
         gen = torch.Generator(device=device).manual_seed(seed)
         try:  # crbp.run raises FloatingPointError for a non-finite state
             losses, stats = training_loss(model, batch, gen, args.proposals)
@@ -809,7 +699,7 @@ def report(model, args, device):
                      "training step", "PQ / loss x100", f"{args.head} {args.algo} T={args.steps}")
     figures.svg_plot(os.path.join(args.out, "per_step.svg"), {"PQ": (list(range(1, T + 1)), [c["pq"] for c in curve])},
                      "step t", "PQ", f"{args.head} {args.algo}, trained with T={args.steps}")
-    batch = render(4, split="test", seed=0, device=device, **task_options(args))
+    batch = data.panoptic(4, split="test", seed=0, device=device, **task_options(args))
     model.eval()
     pan, _ = predict(model, batch, args.steps)[0]
     model.train()
@@ -833,7 +723,7 @@ def colorize(pan):
 
 def show(path, args, n=6):
     """A sample sheet: rows of images, their panoptic ground truth, their semantic labels (void white)."""
-    b = render(n, seed=args.seed, **task_options(args))
+    b = data.panoptic(n, seed=args.seed, **task_options(args))
     sem = torch.tensor([[0.15, 0.15, 0.15], [0.8, 0.5, 0.2], [0.2, 0.5, 0.8]])[b["semantic"].clamp(max=2)]
     sem[b["semantic"] == IGNORE] = 1.0
     sheet = torch.cat([b["image"], colorize(b["pan"]), sem.permute(0, 3, 1, 2)], 0)

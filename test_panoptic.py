@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import crbp
+import data
 import panoptic as P
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="algo"):
         P.MaskHead("hgru", algo="tbptt")
     with pytest.raises(ValueError, match="multiple of 8"):
-        P.render(1, size=100)
+        data.panoptic(1, size=100)
     with pytest.raises(ValueError, match="multiples of 8"):
         P.PanopticModel("conv4", 8, 8).features(torch.zeros(1, 3, 36, 40))
     with pytest.raises(ValueError, match="RoI features"):
@@ -309,7 +310,7 @@ def test_fusion_rules():
 
 
 def test_renderer_invariants():
-    a = P.render(4, 64, seed=3)
+    a = data.panoptic(4, 64, seed=3)
     masks, boxes, valid = a["masks"], a["boxes"], a["valid"]
     assert masks.sum(1).max() <= 1  # visible masks are disjoint
     assert valid.any()
@@ -321,14 +322,14 @@ def test_renderer_invariants():
     # panoptic GT: instance ids where masks are, void where a thing is too small, stuff elsewhere
     for n in range(masks.shape[1]):
         assert ((a["pan"] == n + 1) == masks[:, n]).all()
-    assert ((a["semantic"] == P.IGNORE) == (a["pan"] == 0)).all()
+    assert ((a["semantic"] == data.IGNORE) == (a["pan"] == 0)).all()
     assert ((a["semantic"] == 0) == masks.any(1)).all()
-    b = P.render(4, 64, seed=3)
+    b = data.panoptic(4, 64, seed=3)
     assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic
-    train = torch.cat([P.render(4, 64, seed=s)["image"] for s in range(3)])
-    test = torch.cat([P.render(4, 64, seed=s, split="test")["image"] for s in range(3)])
+    train = torch.cat([data.panoptic(4, 64, seed=s)["image"] for s in range(3)])
+    test = torch.cat([data.panoptic(4, 64, seed=s, split="test")["image"] for s in range(3)])
     assert torch.cdist(train.flatten(1), test.flatten(1)).min() > 1  # disjoint splits
-    assert not torch.equal(P.render(4, 64, seed=4)["image"], a["image"])
+    assert not torch.equal(data.panoptic(4, 64, seed=4)["image"], a["image"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,7 +405,7 @@ def test_empty_roi_list_gives_zero_loss_with_graph():
 def test_model_loss_and_prediction():
     torch.manual_seed(0)
     model = P.PanopticModel("hgru", 8, 8, steps=3, algo="c-rbp", neumann_steps=3)
-    batch = P.render(2, 64, seed=0)
+    batch = data.panoptic(2, 64, seed=0)
     losses, stats = P.training_loss(model, batch, torch.Generator().manual_seed(0))
     sum(losses.values()).backward()
     assert set(losses) == {"loss_sem", "loss_mask", "loss_lcp"} and losses["loss_lcp"] > 0
@@ -461,7 +462,7 @@ def test_into_torchvision():
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=128)
     head = P.MaskHead("hgru", 3, 256, steps=3, algo="c-rbp", neumann_steps=2)
     P.into_torchvision(model, head)
-    batch = P.render(2, 128, seed=0)
+    batch = data.panoptic(2, 128, seed=0)
     targets = [{"boxes": batch["boxes"][i][batch["valid"][i]], "labels": batch["labels"][i][batch["valid"][i]] + 1,
                 "masks": batch["masks"][i][batch["valid"][i]].to(torch.uint8)} for i in range(2)]
     model.train()
