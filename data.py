@@ -131,8 +131,8 @@ def mazes(batch, grid=11, *, canvas=None, split="train", seed=0, device=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Panoptic scenes, the task of panoptic.py: thin same-colour curves that cross and occlude, and blobs, over
-# two textures
+# Panoptic scenes, train_panoptic.py's task: thin same-colour curves that cross and occlude, and blobs,
+# over two textures
 
 THINGS = ("curve", "blob")          # thing categories 0, 1; semantic labels: 0 = things, 1, 2 = stuff
 STUFF = ("stripes-h", "stripes-v")  # stuff categories 2, 3 (semantic labels 1, 2); 255 = void

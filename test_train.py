@@ -439,7 +439,7 @@ def test_ks_compare_of_two_runs(tmp_path, capsys):
 
 def test_imports_go_one_way():
     """Each module imports only modules below it: figures, crbp, pathfinder, data, fastpath, cells, models, report,
-    then the programs (train, bench, panoptic, train_panoptic). No circles, and report.py never needs train.py."""
+    then train, bench, panoptic (a library) and train_panoptic. No circles, and report.py never needs train.py."""
     import ast
     import pathlib
     order = ["figures", "crbp", "pathfinder", "data", "fastpath", "cells", "models", "report", "train", "bench",
