@@ -7,9 +7,14 @@ Mazes (Schwarzschild et al., NeurIPS 2021 "easy-to-hard" data, as used by the Lo
 backtracker (depth-first) maze on an s×s lattice, rendered 2 px per lattice unit with a 1-px frame
 (side 2s+6), target = the 2-px solution path.
 
+Panoptic scenes (the synthetic task of train_panoptic.py, for panoptic.py's mask heads): thin same-colour
+curves that cross and occlude, and blobs, over two stripe textures, with their panoptic ground truth;
+THINGS, STUFF and IGNORE name its categories and void label.
+
     images, masks  = pathfinder(batch, length=14, task="seg", device="cuda", seed=step)
     images, labels = pathfinder(batch, length=14, task="cls", ...)
     images, masks  = mazes(batch, grid=11, device="cuda", seed=step)
+    scenes         = panoptic(batch, 128, device="cuda", seed=step)   # dict: image, semantic, masks, boxes, pan...
 
 Seeds and splits: every call builds its own torch.Generator on `device` from (seed, split): training uses
 the even generator seeds 2·seed, split="test" the odd ones 2·seed+1, so no training call can ever draw a
