@@ -28,7 +28,8 @@ bench:
 # The recurrent mask head (one GPU): its memory against T, then conv4 / BPTT 1,3,5 / C-RBP 5,10,20 x 3 seeds.
 # Re-running resumes where it stopped.
 panoptic:
-	$(PYTHON) panoptic.py --memory --out runs/panoptic && $(PYTHON) panoptic.py --experiment --out runs/panoptic
+	$(PYTHON) train_panoptic.py --memory --out runs/panoptic && \
+		$(PYTHON) train_panoptic.py --experiment --out runs/panoptic
 
 deps:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"

@@ -1,4 +1,4 @@
-"""Tests of data.py: properties of the generated tasks (not pixels), on the CPU with small batches.
+"""Tests of data.py and pathfinder.py: properties of the generated tasks (not pixels), on the CPU with small batches.
 References: specs/pathfinder_spec.md (§ numbers), specs/mazes_locrnn_spec.md §1."""
 import math
 import struct
@@ -12,6 +12,7 @@ import figures
 import torch.nn.functional as F
 
 import data
+import pathfinder as pf
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,8 +40,8 @@ def components(mask):
 def seg_geometry(batch, length, seed, task="seg", faithful=False, size=150):
     """The geometry and the rendering of pathfinder(batch, length, task, size, seed=seed), taken apart."""
     gen, _ = data._generator(None, seed, "train")
-    g = data._geometry(batch, length, task, None, 300, faithful, gen, 10_000)
-    img, mask = data._render(g, 300, size)
+    g = pf._geometry(batch, length, task, None, 300, faithful, gen, 10_000)
+    img, mask = pf._render(g, 300, size)
     return g, img, mask
 
 
@@ -129,14 +130,14 @@ def test_cls_labels_balanced_and_markers_on_the_right_snakes():
             assert img[b, 0, int(m[0]), int(m[1])] == 1
         # the marked snake is one chain: consecutive paddle centres one period L + 2m apart (plus up to
         # 3 px from the ceil rounding of head, pivot and step)
-        assert ((marked[1:].mean(1) - marked[:-1].mean(1)).norm(dim=-1) < data.L + 2 * data.MARGIN + 3).all()
+        assert ((marked[1:].mean(1) - marked[:-1].mean(1)).norm(dim=-1) < pf.L + 2 * pf.MARGIN + 3).all()
         # marker 0 sits on the marked snake's origin; marker 1 on its far end (label 1), or on the other
         # target's far end (label 0), which the fixed generator keeps clear of the marked snake
         assert seg_dist(m0, marked) < 0.5
         if label[b] == 1:
             assert seg_dist(m1, marked) < 0.5
         else:
-            assert seg_dist(m1, other) < 0.5 and seg_dist(m1, marked) > data.D_HIT - 1
+            assert seg_dist(m1, other) < 0.5 and seg_dist(m1, marked) > pf.D_HIT - 1
 
 
 def test_fingerprints_of_the_spec():
@@ -152,16 +153,16 @@ def test_fingerprints_of_the_spec():
     segs = g["seg"][:, :2 * N].view(B, N, 2, 2, 2)
     ang = g["ang"][:, :2 * N].view(B, N, 2)
     turn = ((ang[:, 1:] - ang[:, :-1] + math.pi) % (2 * math.pi) - math.pi).abs()
-    assert turn.max() < math.pi / (2 * data.CONT) + 1e-5             # max turn 90°/c = 50°
+    assert turn.max() < math.pi / (2 * pf.CONT) + 1e-5             # max turn 90°/c = 50°
     assert 12 < math.degrees(turn.mean()) < 18                       # free-space mean 0.467/c rad = 15°
     period = (segs[:, 1:].mean(-2) - segs[:, :-1].mean(-2)).norm(dim=-1)
     assert 10 < period.median() < 11.5                               # L + 2m = 11 px
     tail = g["tail"]
-    assert ((tail[:, 0] >= 2 * data.SD) & (tail[:, 0] < 300 - 2 * data.SD)).all()   # §2.2 box [54, 246)
-    assert ((tail[:, 1] - tail[:, 0]).norm(dim=-1) - data.SD).abs().max() < 1       # §2.3
+    assert ((tail[:, 0] >= 2 * pf.SD) & (tail[:, 0] < 300 - 2 * pf.SD)).all()   # §2.2 box [54, 246)
+    assert ((tail[:, 1] - tail[:, 0]).norm(dim=-1) - pf.SD).abs().max() < 1       # §2.3
     # whole-pair restarts: the original needed 4.2 attempts per image at N = 14 (§8)
     gen = torch.Generator().manual_seed(0)
-    p = len(data._pairs(torch.zeros(800, dtype=torch.long), N, 300, True, gen)["row"]) / 800
+    p = len(pf._pairs(torch.zeros(800, dtype=torch.long), N, 300, True, gen)["row"]) / 800
     assert 3.0 < 1 / p < 6.0, 1 / p
 
 
@@ -174,9 +175,9 @@ def test_known_bugs_fixed_by_default_and_kept_when_faithful():
         return cross, last
     # the generator tests distances between points 1.7 px apart on the centre lines: exact to ~0.1 px
     cross, last = closest(seg_geometry(B, N, seed=5)[0])
-    assert (cross >= data.D_HIT - 0.1).all() and (last >= data.D_HIT - 0.1).all()
+    assert (cross >= pf.D_HIT - 0.1).all() and (last >= pf.D_HIT - 0.1).all()
     cross, last = closest(seg_geometry(B, N, seed=5, faithful=True)[0])
-    assert (cross < data.D_HIT - 0.5).any()                           # §9.3: the targets may touch
+    assert (cross < pf.D_HIT - 0.5).any()                           # §9.3: the targets may touch
 
 
 def test_mazes_solution_is_the_bfs_path():
@@ -261,11 +262,11 @@ def test_unknown_keyword_is_an_error():
 def test_bounded_retries():
     # 60-paddle snakes on the smallest canvas essentially never fit: after max_tries it must stop
     with pytest.raises(RuntimeError, match="attempts"):
-        data.pathfinder(2, length=60, canvas=data.MIN_CANVAS, size=data.MIN_CANVAS, max_tries=3)
+        data.pathfinder(2, length=60, canvas=pf.MIN_CANVAS, size=pf.MIN_CANVAS, max_tries=3)
 
 def test_restart_rounds(monkeypatch):
     # one attempt per image and round: images that fail get more rounds, and the result stays seeded
-    monkeypatch.setattr(data, "_lanes_per_row", lambda N, B, cuda: 1)
+    monkeypatch.setattr(pf, "_lanes_per_row", lambda N, B, cuda: 1)
     a, _ = data.pathfinder(3, length=18, distractors=0, seed=1)
     b, _ = data.pathfinder(3, length=18, distractors=0, seed=1)
     assert torch.equal(a, b) and (a.flatten(1) > 0.5).sum(1).min() > 100

@@ -1,5 +1,6 @@
-"""Tests of panoptic.py: RoIAlign against a per-sample transcription of the bilinear kernel, PQ against
-hand-worked cases, the fusion rules, the renderer's invariants, the heads, and the entry point."""
+"""Tests of panoptic.py, data.panoptic and train_panoptic.py: RoIAlign against a per-sample transcription of
+the bilinear kernel, PQ against hand-worked cases, the fusion rules, the renderer's invariants, the heads, and
+the entry point (train_panoptic.py)."""
 import json
 import math
 import os
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 import crbp
+import data
 import panoptic as P
+import train_panoptic as TP
 
 # ----------------------------------------------------------------------------------------------------------
 # RoIAlign
@@ -135,13 +138,13 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="algo"):
         P.MaskHead("hgru", algo="tbptt")
     with pytest.raises(ValueError, match="multiple of 8"):
-        P.render(1, size=100)
+        data.panoptic(1, size=100)
     with pytest.raises(ValueError, match="multiples of 8"):
         P.PanopticModel("conv4", 8, 8).features(torch.zeros(1, 3, 36, 40))
     with pytest.raises(ValueError, match="RoI features"):
         P.MaskHead("hgru", channels=8, steps=2)(torch.zeros(2, 4, 6, 6))
     with pytest.raises(SystemExit):
-        P.main(["--head", "conv9"])
+        TP.main(["--head", "conv9"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,7 +312,7 @@ def test_fusion_rules():
 
 
 def test_renderer_invariants():
-    a = P.render(4, 64, seed=3)
+    a = data.panoptic(4, 64, seed=3)
     masks, boxes, valid = a["masks"], a["boxes"], a["valid"]
     assert masks.sum(1).max() <= 1  # visible masks are disjoint
     assert valid.any()
@@ -321,14 +324,14 @@ def test_renderer_invariants():
     # panoptic GT: instance ids where masks are, void where a thing is too small, stuff elsewhere
     for n in range(masks.shape[1]):
         assert ((a["pan"] == n + 1) == masks[:, n]).all()
-    assert ((a["semantic"] == P.IGNORE) == (a["pan"] == 0)).all()
+    assert ((a["semantic"] == data.IGNORE) == (a["pan"] == 0)).all()
     assert ((a["semantic"] == 0) == masks.any(1)).all()
-    b = P.render(4, 64, seed=3)
+    b = data.panoptic(4, 64, seed=3)
     assert all(torch.equal(a[k], b[k]) for k in a)  # deterministic
-    train = torch.cat([P.render(4, 64, seed=s)["image"] for s in range(3)])
-    test = torch.cat([P.render(4, 64, seed=s, split="test")["image"] for s in range(3)])
+    train = torch.cat([data.panoptic(4, 64, seed=s)["image"] for s in range(3)])
+    test = torch.cat([data.panoptic(4, 64, seed=s, split="test")["image"] for s in range(3)])
     assert torch.cdist(train.flatten(1), test.flatten(1)).min() > 1  # disjoint splits
-    assert not torch.equal(P.render(4, 64, seed=4)["image"], a["image"])
+    assert not torch.equal(data.panoptic(4, 64, seed=4)["image"], a["image"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,13 +407,13 @@ def test_empty_roi_list_gives_zero_loss_with_graph():
 def test_model_loss_and_prediction():
     torch.manual_seed(0)
     model = P.PanopticModel("hgru", 8, 8, steps=3, algo="c-rbp", neumann_steps=3)
-    batch = P.render(2, 64, seed=0)
-    losses, stats = P.training_loss(model, batch, torch.Generator().manual_seed(0))
+    batch = data.panoptic(2, 64, seed=0)
+    losses, stats = TP.training_loss(model, batch, torch.Generator().manual_seed(0))
     sum(losses.values()).backward()
     assert set(losses) == {"loss_sem", "loss_mask", "loss_lcp"} and losses["loss_lcp"] > 0
     assert model.c2[0][0].weight.grad.abs().sum() > 0  # the mask loss reaches the backbone through the head
     model.eval()
-    preds = P.predict(model, batch, 5, per_step=True)
+    preds = TP.predict(model, batch, 5, per_step=True)
     assert len(preds) == 5
     pan, cats = preds[-1]
     assert pan.shape == (2, 64, 64) and cats.shape == (2, batch["masks"].shape[1] + 3)
@@ -418,16 +421,16 @@ def test_model_loss_and_prediction():
 
 def test_dry_run_writes_a_run_directory_and_resumes(tmp_path):
     out = str(tmp_path / "run")
-    P.main(["--dry-run", "--out", out, "--until-minutes", "1e-9"])  # stops after one step
+    TP.main(["--dry-run", "--out", out, "--until-minutes", "1e-9"])  # stops after one step
     assert {"config.json", "metrics.jsonl", "checkpoint.pt"} <= set(os.listdir(out))
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["iteration"] == 1
-    final = P.main(["--resume", out])
+    final = TP.main(["--resume", out])
     assert set(final) >= {"pq", "pq_th", "pq_st", "sq_th"}
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert len(rows[-1]["per_step_pq"]) == 4
     assert {"learning_curve.svg", "per_step.svg", "predictions.png"} <= set(os.listdir(out))
     png = str(tmp_path / "sheet.png")
-    P.main(["--show", png, "--size", "64"])
+    TP.main(["--show", png, "--size", "64"])
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -461,7 +464,7 @@ def test_into_torchvision():
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=128)
     head = P.MaskHead("hgru", 3, 256, steps=3, algo="c-rbp", neumann_steps=2)
     P.into_torchvision(model, head)
-    batch = P.render(2, 128, seed=0)
+    batch = data.panoptic(2, 128, seed=0)
     targets = [{"boxes": batch["boxes"][i][batch["valid"][i]], "labels": batch["labels"][i][batch["valid"][i]] + 1,
                 "masks": batch["masks"][i][batch["valid"][i]].to(torch.uint8)} for i in range(2)]
     model.train()
@@ -479,17 +482,17 @@ def test_into_torchvision():
 
 
 def test_experiment_dry_run_writes_the_table(tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "EXPERIMENT", [("conv4", "bptt", 1), ("hgru", "c-rbp", 5)])
-    monkeypatch.setattr(P, "SEEDS", (0,))
+    monkeypatch.setattr(TP, "EXPERIMENT", [("conv4", "bptt", 1), ("hgru", "c-rbp", 5)])
+    monkeypatch.setattr(TP, "SEEDS", (0,))
     out = str(tmp_path / "exp")
-    lines = P.main(["--experiment", "--dry-run", "--out", out])
+    lines = TP.main(["--experiment", "--dry-run", "--out", out])
     assert len(lines) == 4 and lines[2].startswith("| conv4") and lines[3].startswith("| hgru | c-rbp | 5")
     assert os.path.isfile(os.path.join(out, "table.md")) and os.path.isfile(os.path.join(out, "per_step.svg"))
-    assert P.main(["--experiment", "--dry-run", "--out", out]) == lines  # finished runs are not trained again
+    assert TP.main(["--experiment", "--dry-run", "--out", out]) == lines  # finished runs are not trained again
 
 
 def test_memory_profile_runs(tmp_path):
-    args = P.parse_args(["--memory", "--device", "cpu", "--channels", "8", "--out", str(tmp_path)])
-    out = P.memory_profile(args, rois=4)
+    args = TP.parse_args(["--memory", "--device", "cpu", "--channels", "8", "--out", str(tmp_path)])
+    out = TP.memory_profile(args, rois=4)
     assert len(out) == 10 and all(v["ms"] > 0 for v in out.values())
     assert os.path.isfile(tmp_path / "memory.json") and os.path.isfile(tmp_path / "memory.svg")
