@@ -31,6 +31,7 @@ ALGOS = ("bptt", "tbptt", "rbp", "c-bptt", "c-tbptt", "c-rbp")
 STOPS = ("max_terms", "tolerance", "diverging", "nonfinite", "grad_cap")  # why a Neumann series stopped
 GROWTH = 1e4  # a Neumann term this many times ||g|| is divergence, not the transient of a non-normal J
 _WARNED = {}  # the warnings registry of each line that calls run: a NeumannWarning shows once per line
+WRAPPERS = set()  # modules that call run for their users (models.py: `crbp.WRAPPERS.add(__name__)`)
 
 
 class Result(NamedTuple):
@@ -106,18 +107,17 @@ def run(cell: Callable, x, h0, *, steps: int, algo: str = "c-rbp", neumann_steps
         h_next = h if fast_cell is None else _as_tuple(cell(pack(h_prev), x), "the cell's output")[0]
         penalty = _lcp(_vjp(h_next, h_prev, ones(), create_graph=True), mu, "mean")
     if taped and base == "rbp":
-        h_fixed, caller = tuple(z.detach() for z in h_prev), sys._getframe(1)
+        h_fixed, caller = tuple(z.detach() for z in h_prev), _call_site(sys._getframe(1))
         JT = ((lambda v: _as_tuple(vjp(pack(h_fixed), x, pack(v)), "vjp's output")[0]) if vjp is not None else
               (lambda v, h_T=h, h_prev=h_prev: _vjp(h_T, h_prev, v)))  # v -> J^T v at h_{T-1}
-        options = dict(K=neumann_steps, tol=tol, faithful=faithful, grad_cap=grad_cap)
-        h = _ImplicitGradient.apply(JT, options, stats, (caller.f_code.co_filename, caller.f_lineno), *h)
+        options = dict(K=neumann_steps, tol=tol, faithful=faithful, grad_cap=grad_cap)  # for neumann()
+        h = _ImplicitGradient.apply(JT, options, stats, caller, *h)
     return Result(pack(h), penalty, stats)
 
 
 @dataclasses.dataclass
 class Stats:
     """What one `run` did. The neumann_* fields are filled in when the rbp backward has run."""
-
     steps: int
     residual: float  # forward convergence ||h_T - h_{T-1}|| / ||h_T||: small (< ~0.05) at a fixed point
     neumann_terms: Optional[int] = None  # terms (J^T)^k g, k >= 1, in the gradient
@@ -160,9 +160,8 @@ def neumann(JT: Callable, g, K: int = 15, tol: float = 1e-6, faithful: bool = Fa
         if norms[-1] <= tol * norms[0] or norms[-1] > GROWTH * norms[0]:
             stop = "tolerance" if norms[-1] <= tol * norms[0] else "diverging"
             break
-    else:
-        if K and norms[-1] >= norms[0]:
-            stop = "diverging"  # K terms and still as large as g: the series is not converging within K
+    else:  # K terms and still as large as g: the series is not converging within K
+        stop = "diverging" if K and norms[-1] >= norms[0] else stop
     if stop in ("diverging", "nonfinite") and not faithful:
         G, terms, _ = best
     return G, terms, stop, norms
@@ -180,13 +179,11 @@ class _ImplicitGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *g):
         if torch.is_grad_enabled():  # create_graph=True would treat the Neumann sum as a constant: refuse
-            raise RuntimeError("double backward through the RBP Neumann series is not supported; use bptt for "
-                               "higher-order gradients")
+            raise RuntimeError("double backward through the RBP Neumann series is not supported: use bptt")
         dtypes = [z.dtype for z in g]  # under autocast the terms arrive in bf16: sum them in float32 or wider
         JT = lambda v: [u.to(_acc(u)) for u in ctx.JT([vi.to(d) for vi, d in zip(v, dtypes)])]
         G, terms, stop, norms = neumann(JT, [z.to(_acc(z)) for z in g], **ctx.options)
-        ctx.stats.neumann_terms, ctx.stats.neumann_stop, ctx.stats.neumann_norms = terms, stop, norms
-        ctx.stats.neumann_sum = _norm(G).item()
+        vars(ctx.stats).update(neumann_terms=terms, neumann_stop=stop, neumann_norms=norms, neumann_sum=_norm(G).item())
         if stop in ("diverging", "nonfinite"):  # shown once per call site of crbp.run, not once per step
             what = "diverged" if stop == "diverging" else "met a non-finite term"
             warnings.warn_explicit(f"the Neumann series {what}: F is not contractive at h_(T-1), so the gradient "
@@ -196,6 +193,13 @@ class _ImplicitGradient(torch.autograd.Function):
         return (None,) * 4 + tuple(Gi.to(d) for Gi, d in zip(G, dtypes))
 
 
+def _call_site(frame):
+    """(file, line) of the first caller outside torch and WRAPPERS: a warning names the user's line, not nn.Module's."""
+    while frame.f_back and frame.f_globals.get("__name__", "").partition(".")[0] in WRAPPERS | {"torch"}:
+        frame = frame.f_back
+    return frame.f_code.co_filename, frame.f_lineno
+
+
 class NeumannWarning(UserWarning):
     """The rbp gradient's Neumann series diverged or met a non-finite term."""
 
@@ -203,10 +207,9 @@ class NeumannWarning(UserWarning):
 def lcp(h_next, h_prev, mu: float = 0.9, reduction: str = "mean") -> torch.Tensor:
     """Lipschitz Coefficient Penalty of the transition h_next = F(h_prev) (Linsley et al. 2020, SI §1.2).
 
-    h_next must have been computed from h_prev with autograd on; the tensors of a tuple h_prev must be
-    separate inputs (leaves or views), not one computed from another. Tuple states: u is the column sum
-    over the whole block Jacobian of (h, c, ...) (the paper's ConvLSTM summed only the diagonal blocks).
-    "sum" is what the panoptic code used; it differs from "mean" by the number of elements.
+    h_next must come from h_prev with autograd on; the tensors of a tuple h_prev must be separate inputs (leaves
+    or views). Tuple states: u sums the columns of the whole block Jacobian of (h, c, ...) (the paper's ConvLSTM
+    summed only its diagonal blocks). reduction "sum" is the panoptic code's; "mean" divides by the element count.
     """
     hn, hp = _as_tuple(h_next, "h_next")[0], _as_tuple(h_prev, "h_prev")[0]
     if reduction not in ("mean", "sum") or not 0 <= mu < 1:
@@ -292,6 +295,5 @@ def _check_args(steps, algo, K, mu, truncate, tol, grad_cap, nonfinite, halt):
         (halt is not None and not (isinstance(halt, (int, float)) and halt >= 0 and not torch.is_grad_enabled()),
          f"halt is for evaluation: a number >= 0, under torch.no_grad(); got {halt!r}"),
     ]
-    for bad, message in problems:
-        if bad:
-            raise ValueError(message)
+    for message in (message for bad, message in problems if bad):
+        raise ValueError(message)

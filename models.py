@@ -47,6 +47,7 @@ TASKS = {  # input channels, drive width, default steps T and algo (T=20 C-RBP f
     "mazes": dict(in_channels=3, width=64, steps=15, algo="bptt"),
 }
 MIN_SIZE = 8  # smallest image side we accept (the Pathfinder-cls stem downsamples by 4)
+crbp.WRAPPERS.add(__name__)  # crbp's warnings name the line that called the model, not this file
 
 
 class Output(NamedTuple):

@@ -26,6 +26,7 @@ from data import STUFF, THINGS
 
 HEADS = ("conv4", "hgru")
 HEAD_ALGOS = ("bptt", "c-bptt", "rbp", "c-rbp")
+crbp.WRAPPERS.add(__name__)  # crbp's warnings name the line that called the head, not this file
 
 # ----------------------------------------------------------------------------------------------------------
 # RoIAlign (a transcription of torchvision's roi_align_common.h into grid_sample), masks, the mask loss

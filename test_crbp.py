@@ -332,6 +332,22 @@ def test_divergence_warning_names_the_callers_line_once():
     assert len(mine) == 1 and mine[0].filename == __file__ and mine[0].lineno == line
 
 
+def test_divergence_warning_through_a_model_names_the_users_line():
+    """models.py (and nn.Module's call) are skipped: the warning points at the line that called the model."""
+    import models
+    torch.manual_seed(0)
+    model = models.build("convgru", task="mazes", channels=4, kernel=3)
+    for p in model.cell.parameters():  # blow the cell up until its Jacobian is far from contractive
+        p.data.mul_(30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        line = sys._getframe().f_lineno + 1
+        out = model(torch.rand(2, 3, 28, 28), steps=4, algo="rbp", neumann_steps=30)
+        out.logits.sum().backward()
+    mine = [w for w in caught if issubclass(w.category, crbp.NeumannWarning)]
+    assert len(mine) == 1 and mine[0].filename == __file__ and mine[0].lineno == line
+
+
 def test_tolerance_stop_and_paper_grad_cap():
     cell, x, h0, r = dense_setup()
     state, _, stats = crbp.run(cell, x, h0, steps=30, algo="rbp", neumann_steps=100, tol=1e-8)
