@@ -34,7 +34,7 @@ DRY_RUN = dict(images=8, batch_size=4, eval_images=4, eval_every=4, eval_batch_s
 RESUMABLE = {"until", "until_minutes", "device", "eval_images", "eval_batch_size", "eval_every", "eval_steps",
              "eval_lengths", "compile", "conv", "fast"}
 MODES = ("resume", "report", "eval", "ks")  # what train.py does instead of a new run; not saved in config.json
-NOT_SAVED = set(MODES) | {"until", "until_minutes", "preset"}
+NOT_SAVED = set(MODES) | {"until", "until_minutes", "preset", "halt"}
 
 
 def get_parser(description=None):
@@ -107,6 +107,9 @@ def get_parser(description=None):
       help="evaluate a saved run's model again and redraw all its tables and figures, without training")
     a("--eval", default=None, metavar="RUN_DIR",
       help="evaluate a saved run's model on another test set: --length/--grid N, --steps T, --eval-images")
+    a("--halt", type=float, default=None, metavar="TOL",
+      help="with --eval: also let each image stop once a step changes its state by <= TOL (relative, e.g. 1e-3), "
+           "at most --steps, and report the metric and the steps the images took")
     a("--ks", nargs=2, default=None, metavar="RUN_DIR",
       help="compare two trained runs' state-space drift distances with a two-sample KS test, and exit")
     return p
@@ -174,6 +177,7 @@ RULES = {  # option: (test, what to pass); None passes (the option is off or tak
     "mu": (lambda v: 0 <= v < 1, "in [0, 1) (the paper used 0.9)"),
     "warmup": (lambda v: 0 <= v < 1, "a fraction of the run, in [0, 1)"),
     "until_minutes": (lambda v: v > 0, "> 0"),
+    "halt": (lambda v: v > 0, "> 0, a relative change per step such as 1e-3"),
     "kernel": (lambda v: v >= 1 and v % 2 == 1, "odd and >= 1 (for 'same' padding)"),
     "seed": (lambda v: 0 <= v < 2 ** 40, "in [0, 2**40)"),
     "size": (lambda v: v >= 75, ">= 75: contours are drawn on 300 px and shrunk at most 4x"),
@@ -194,6 +198,8 @@ def check_args(parser, args):
     if steps is None and args.algo not in (None, "bptt"):
         parser.error(f"--model {args.model} is feedforward: it has no recurrence for {args.algo}; use --algo bptt")
     args.algo, args.steps = args.algo or algo or "bptt", args.steps or steps or 1
+    if args.halt is not None and not (args.eval and steps is not None):
+        parser.error("--halt is for --eval of a recurrent model: python train.py --eval RUN_DIR --steps 60 --halt 1e-3")
     if args.eval_steps is None:  # a dry run evaluates one step past T: enough for the drift, and quick
         args.eval_steps = args.steps + 1 if args.dry_run else task.eval_steps(args.steps)
     if args.eval_steps < args.steps:

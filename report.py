@@ -145,9 +145,11 @@ def ranks():
 
 
 @torch.no_grad()
-def evaluate(model, cfg, device, steps, n_images, per_step=False, **knob):
+def evaluate(model, cfg, device, steps, n_images, per_step=False, halt=None, **knob):
     """Held-out metrics at `steps`, or (per_step=True) at every t = 1..steps: a dict, or a list of dicts
-    indexed by t - 1. knob: length=N (Pathfinder) or grid=N (mazes) for another test set.
+    indexed by t - 1. knob: length=N (Pathfinder) or grid=N (mazes) for another test set. halt=tol: each
+    image stops once a step changes its state by <= tol (relative; crbp.run's halt), at most `steps`; the
+    metrics then also hold the steps the images took ("steps_mean", "steps_median", "steps_max").
 
     Under torch.distributed every rank must call it: rank r scores the batches b = r, r + world, ..., the
     per-batch records are gathered, and every rank returns exactly the metrics of one process."""
@@ -164,16 +166,24 @@ def evaluate(model, cfg, device, steps, n_images, per_step=False, **knob):
         images, target, free = data.task_batch(task.name, b, bs, split="test", device=device,
                                                **data_options(cfg, **knob))
         with autocast(cfg, device):
-            out = forward(model, images, steps, algo="bptt", per_step=per_step)
+            out = forward(model, images, steps, algo="bptt", per_step=per_step, **({"halt": halt} if halt else {}))
         logits_t = out.per_step if out.per_step is not None else [out.logits]  # T x (B, classes, ...)
         records[b] = [task.score(logits, target, free).cpu() for logits in logits_t]
+        if halt:  # the steps each image took, kept beside the batch's record
+            records[b] = [(r, out.stats.halted.cpu()) for r in records[b]]
     model.train(was_training)
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, records)
         records = {b: r for part in parts for b, r in part.items()}
-    per_t = zip(*(records[b] for b in sorted(records)))  # for each t, the records of every batch in order
-    summary = [task.summarize(list(r)) for r in per_t]
+    per_t = [list(r) for r in zip(*(records[b] for b in sorted(records)))]  # for each t, every batch's record
+    if halt:
+        took = torch.cat([n for _, n in per_t[0]]).double()
+        per_t = [[r for r, _ in rs] for rs in per_t]
+    summary = [task.summarize(r) for r in per_t]
+    if halt:
+        summary = [{**m, "steps_mean": took.mean().item(), "steps_median": took.median().item(),
+                    "steps_max": took.max().item()} for m in summary]
     return summary if per_step else summary[0]
 
 
@@ -397,8 +407,16 @@ def other_test_set(model, cfg, device, steps, **knob):
           + f" (chance {task.metric}: {task.chance})\n  per-step {metric}: "
           + "  ".join(f"t={t}: {curve[t - 1][metric]:.3f}" for t in sorted({1, min(cfg.steps, len(curve)), len(curve)}))
           + f"  (best {curve[best][metric]:.3f} at t={best + 1})")
-    path = os.path.join(cfg.out, f"eval_{name}{n}_T{steps}.json")
+    record = {name: n, "steps": steps, "eval_images": cfg.eval_images, "per_step": curve}
+    if getattr(cfg, "halt", None):  # steps chosen per image: each stops at its own fixed point
+        record["halt"] = adaptive = evaluate(model, cfg, device, steps, cfg.eval_images, halt=cfg.halt, **knob)
+        print(f"  each image halted at residual <= {cfg.halt} (at most {steps} steps): {metric} "
+              f"{adaptive[metric]:.3f} after {adaptive['steps_mean']:.1f} steps on average (median "
+              f"{adaptive['steps_median']:.0f}, most {adaptive['steps_max']:.0f}); fixed T={cfg.steps}: "
+              f"{curve[min(cfg.steps, len(curve)) - 1][metric]:.3f}, best fixed t: {curve[best][metric]:.3f}")
+    path = os.path.join(cfg.out, f"eval_{name}{n}_T{steps}" + (f"_halt{cfg.halt:g}" if record.get("halt") else "")
+                        + ".json")
     with open(path, "w") as f:
-        json.dump({name: n, "steps": steps, "eval_images": cfg.eval_images, "per_step": curve}, f, indent=1)
+        json.dump(record, f, indent=1)
     print(f"  every metric after every step: {path}")
     return curve

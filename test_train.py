@@ -244,6 +244,7 @@ BAD = [
     (["--resume", "nowhere"], "no config.json"),
     (["--resume", "a", "--report", "b"], "pass one of"),
     (["--steps", "20", "--eval-steps", "10"], "--eval-steps must be >= --steps"),
+    (["--halt", "1e-3"], "--halt is for --eval"),
 ]
 
 
@@ -399,6 +400,15 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
     curve = train.main(["--eval", str(run), "--grid", "9", "--steps", "5"])
     assert len(curve) == 5 and "on grid 9" in capsys.readouterr().out
     assert len(json.load(open(run / "eval_grid9_T5.json"))["per_step"]) == 5
+    train.main(["--eval", str(run), "--grid", "9", "--steps", "5", "--halt", "1e-3"])
+    assert "each image halted at residual <= 0.001" in capsys.readouterr().out
+    halted = json.load(open(run / "eval_grid9_T5_halt0.001.json"))["halt"]
+    assert 1 <= halted["steps_mean"] <= halted["steps_max"] <= 5
+    cfg = report.load_config(str(run))
+    at_once = report.evaluate(model, cfg, "cpu", 5, 4, halt=1e9, grid=9)  # every image halts after step 1
+    assert at_once["steps_max"] == 1 and at_once["acc"] == curve[0]["acc"]
+    with torch.no_grad():  # halting at once is one step
+        assert torch.equal(model(images, steps=5, halt=1e9).logits, model(images, steps=1).logits)
     with pytest.raises(SystemExit):
         train.main(["--eval", str(run), "--lr", "0.5"])
     with pytest.raises(ValueError, match="neither model.pt nor checkpoint.pt"):
