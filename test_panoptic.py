@@ -488,6 +488,7 @@ def test_experiment_dry_run_writes_the_table(tmp_path, monkeypatch):
     lines = TP.main(["--experiment", "--dry-run", "--out", out])
     assert len(lines) == 4 and lines[2].startswith("| conv4") and lines[3].startswith("| hgru | c-rbp | 5")
     assert os.path.isfile(os.path.join(out, "table.md")) and os.path.isfile(os.path.join(out, "per_step.svg"))
+    assert not any(f == "checkpoint.pt" for _, _, files in os.walk(out) for f in files)  # finished: metrics only
     assert TP.main(["--experiment", "--dry-run", "--out", out]) == lines  # finished runs are not trained again
 
 

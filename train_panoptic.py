@@ -414,6 +414,7 @@ def experiment(args):
                 print("experiment stopped (--until-minutes): the table has the finished runs; the same command "
                       "continues")
                 return summarize(args.out)
+            os.remove(os.path.join(run, "checkpoint.pt"))  # the table needs metrics.jsonl; 35 MB a run otherwise
     return summarize(args.out)
 
 
