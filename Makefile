@@ -3,7 +3,7 @@ PYTHON ?= python3
 # locally. On a GPU box, install the CUDA build of your choice first; deps then installs nothing.
 TORCH ?= torch==2.13.0
 
-.PHONY: test test-fast deps pathfinder bench panoptic clean
+.PHONY: test test-fast deps pathfinder reproduce bench panoptic clean
 
 # Every test, the slow ones (overfitting, the full model x task dry-run matrix) included.
 test: deps
@@ -16,6 +16,15 @@ test-fast: deps
 # The paper's C-RBP hGRU on Pathfinder-14 (one GPU; a small CPU configuration without one).
 pathfinder:
 	$(PYTHON) train.py --preset pathfinder
+
+# The paper's PF-14 rows (C-RBP T=20, BPTT T=6, C-BPTT T=6; one GPU) into results/, in pieces: each call trains
+# every unfinished run for MINUTES more and resumes where the last call stopped.
+MINUTES ?= 20
+reproduce:
+	for r in pf14-crbp pf14-bptt pf14-cbptt; do \
+	  if [ -f results/$$r/model.pt ]; then echo "results/$$r is finished"; \
+	  elif [ -f results/$$r/checkpoint.pt ]; then $(PYTHON) train.py --resume results/$$r --until-minutes $(MINUTES); \
+	  else $(PYTHON) train.py --preset $$r --until-minutes $(MINUTES); fi || exit 1; done
 
 # Start afresh: remove the preset run directories (other runs stay) and Python's caches.
 clean:

@@ -248,12 +248,12 @@ _chunk = {}  # the chunk rendered last: consecutive batches are cut from it
 
 
 def task_batch(task, index, batch, *, split="train", seed=0, device=None, length=14, size=150, grid=11,
-               canvas=32, chunk=None):
+               canvas=32, distractors=None, chunk=None):
     """Batch number `index` (0, 1, ...) of a task's stream: images, targets (long) and, for mazes, the free
     pixels (B x H x W bool; None otherwise). Batches are cut from chunks of `chunk` images (default
     RENDER_CHUNK on a GPU, one batch on the CPU), each rendered from its own seed (seed * 1_000_003 + chunk
     number), so any batch can be made again: that is how a resumed run replays its data exactly.
-    length and size are Pathfinder's, grid and canvas the mazes'."""
+    length, size and distractors are Pathfinder's, grid and canvas the mazes'."""
     _check(task in TASKS, f"task must be one of {TASKS}, got {task!r}")
     _check(_is_int(index, 0) and _is_int(batch, 1), f"index must be an int >= 0 and batch one >= 1, got "
                                                     f"{index!r}, {batch!r}")
@@ -261,13 +261,14 @@ def task_batch(task, index, batch, *, split="train", seed=0, device=None, length
     chunk = chunk or (RENDER_CHUNK if device.type == "cuda" else batch)
     per = max(1, chunk // batch)  # batches per chunk
     n, i = divmod(index, per)
-    key = (task, seed, size, canvas, length, grid, split, n, per * batch, str(device))
+    key = (task, seed, size, canvas, length, grid, distractors, split, n, per * batch, str(device))
     if _chunk.get("key") != key:
         kw = dict(device=device, seed=seed * 1_000_003 + n, split=split)
         if task == "mazes":
             images, targets = mazes(per * batch, grid=grid, canvas=canvas, **kw)
         else:
-            images, targets = pathfinder(per * batch, length=length, size=size, task=task[11:], **kw)
+            images, targets = pathfinder(per * batch, length=length, size=size, task=task[11:], distractors=distractors,
+                                         **kw)
         _chunk.update(key=key, images=images, targets=targets.long())
     images, targets = (_chunk[k][i * batch:(i + 1) * batch] for k in ("images", "targets"))
     return images, targets, (images.amax(1) > 0 if task == "mazes" else None)  # mazes: free = not black

@@ -27,6 +27,13 @@ PRESETS = {
                            eval_images=64, eval_batch_size=32, eval_every=320, eval_steps=16,
                            out="runs/pathfinder-cpu"),
 }
+# The paper's PF-14 rows (make reproduce): 1.2 M images each (the paper's C-RBP: ~1.15 M to its best F1), batch
+# 32, cosine lr, the fast path; trained in pieces (--until-minutes, then --resume) into results/
+_PF14 = dict(task="pathfinder", length=14, model="hgru", batch_size=32, lr=1e-3, images=1_200_000, eval_images=2048,
+             eval_every=100_000, eval_steps=40, fast=True)
+REPRODUCE = {"pf14-crbp": dict(algo="c-rbp", steps=20, neumann_steps=15, mu=0.9, penalty_weight=10.0),
+             "pf14-bptt": dict(algo="bptt", steps=6), "pf14-cbptt": dict(algo="c-bptt", steps=6, penalty_weight=10.0)}
+PRESETS.update({name: {**_PF14, **run, "out": f"results/{name}"} for name, run in REPRODUCE.items()})
 # --dry-run: a few iterations at tiny sizes (75-px PF-6, 3x3 kernels, 8 channels, 3 steps); typed options win
 DRY_RUN = dict(images=8, batch_size=4, eval_images=4, eval_every=4, eval_batch_size=4, size=75, length=6,
                steps=3, neumann_steps=3, kernel=3, out=None)
@@ -45,6 +52,9 @@ def get_parser(description=None):
            "on one contour (LocRNN); mazes: segment the path from green to red (LocRNN)")
     a("--length", type=int, default=14, help="Pathfinder contour length in paddles, >= 2 (papers: 6, 14, 20, 25)")
     a("--size", type=int, default=150, help="Pathfinder image side in pixels, >= 75 (the papers used 150)")
+    a("--distractors", type=int, default=None, metavar="K",
+      help="Pathfinder distractor snakes per image (default 30 // (length // 3), the 2018 rule: 7 at PF-14; the "
+           "2019 wrapper as committed used 15). With --eval: another test set")
     a("--grid", type=int, default=11, help="maze grid size, odd, >= 3 (9/11/13 -> 24/28/32 px images)")
     a("--canvas", type=int, default=32, help="mazes are zero-padded into this canvas, as the LocRNN code did")
     a("--model", default="hgru", help=f"one of {sorted(models.MODELS)}")
@@ -142,7 +152,7 @@ def parse_args(argv=None, description=None):
                          f"a run, copy the directory (cp -r {run_dir} {args.out}) and --resume the copy")
         if args.eval:
             args.eval_to, args.steps = args.steps or saved["eval_steps"], saved["steps"]
-        may_change = RESUMABLE | ({"length", "grid", "steps"} if args.eval else set())
+        may_change = RESUMABLE | ({"length", "grid", "steps", "distractors"} if args.eval else set())
         changed = {k: (v, getattr(args, k)) for k, v in saved.items()
                    if k not in may_change and getattr(args, k) != v}
         if changed:
@@ -159,6 +169,8 @@ def parse_args(argv=None, description=None):
                 print("no CUDA GPU here: running the small CPU configuration of --preset pathfinder-cpu instead "
                       "(the paper's config needs a GPU)")
                 name = "pathfinder-cpu"
+            if name in REPRODUCE and no_gpu:
+                parser.error(f"--preset {name} trains 1.2 M images of the paper's config: it needs a CUDA GPU")
             parser.set_defaults(**PRESETS[name])
         if args.dry_run:
             parser.set_defaults(**DRY_RUN)
@@ -178,6 +190,7 @@ RULES = {  # option: (test, what to pass); None passes (the option is off or tak
     "warmup": (lambda v: 0 <= v < 1, "a fraction of the run, in [0, 1)"),
     "until_minutes": (lambda v: v > 0, "> 0"),
     "halt": (lambda v: v > 0, "> 0, a relative change per step such as 1e-3"),
+    "distractors": (lambda v: v >= 0, ">= 0 (the 2019 wrapper used 15)"),
     "kernel": (lambda v: v >= 1 and v % 2 == 1, "odd and >= 1 (for 'same' padding)"),
     "seed": (lambda v: 0 <= v < 2 ** 40, "in [0, 2**40)"),
     "size": (lambda v: v >= 75, ">= 75: contours are drawn on 300 px and shrunk at most 4x"),
@@ -261,7 +274,8 @@ def check_run_dir(parser, args):
         return  # a dry run without --out: a fresh temporary directory
     done = os.path.isfile(os.path.join(args.out, "model.pt"))
     started = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
-    preset_dir = os.path.normpath(args.out) in {os.path.normpath(p["out"]) for p in PRESETS.values()}
+    runs = [p["out"] for name, p in PRESETS.items() if name not in REPRODUCE]  # what make clean removes
+    preset_dir = os.path.normpath(args.out) in {os.path.normpath(out) for out in runs}
     fresh = f"to train afresh, delete it ({'make clean' if preset_dir else f'rm -r {args.out}'}) or pick another --out"
     if args.resume and not started:
         parser.error(f"--resume {args.out}: no checkpoint.pt there; point it at a run directory that train.py wrote")

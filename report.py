@@ -134,7 +134,7 @@ def forward(model, images, steps, per_step=False, **opts):
 def data_options(cfg, **override):
     """The data.task_batch options of a run, with e.g. length=25 for an extrapolation test set."""
     return {"seed": cfg.seed, "length": cfg.length, "size": cfg.size, "grid": cfg.grid, "canvas": cfg.canvas,
-            **override}
+            "distractors": getattr(cfg, "distractors", None), **override}  # (runs saved before --distractors)
 
 
 def ranks():
@@ -400,8 +400,9 @@ def other_test_set(model, cfg, device, steps, **knob):
     task = TASKS[cfg.task]
     (name, n), metric = next(iter(knob.items())), task.curve
     curve = evaluate(model, cfg, device, steps, cfg.eval_images, per_step=True, **knob)
-    best = max(range(len(curve)), key=lambda t: curve[t][metric])
-    print(f"{cfg.out} ({cfg.model} {cfg.algo}, trained at T={cfg.steps}) on {name} {n}, {cfg.eval_images} "
+    best, k = max(range(len(curve)), key=lambda t: curve[t][metric]), getattr(cfg, "distractors", None)
+    print(f"{cfg.out} ({cfg.model} {cfg.algo}, trained at T={cfg.steps}) on {name} {n}"
+          + (f" with {k} distractors" if k is not None else "") + f", {cfg.eval_images} "
           f"held-out images:\n  at t={len(curve)}: "
           + ", ".join(f"{k} {v:.4f}" for k, v in curve[-1].items() if not k.startswith("pooled_"))
           + f" (chance {task.metric}: {task.chance})\n  per-step {metric}: "
@@ -414,8 +415,8 @@ def other_test_set(model, cfg, device, steps, **knob):
               f"{adaptive[metric]:.3f} after {adaptive['steps_mean']:.1f} steps on average (median "
               f"{adaptive['steps_median']:.0f}, most {adaptive['steps_max']:.0f}); fixed T={cfg.steps}: "
               f"{curve[min(cfg.steps, len(curve)) - 1][metric]:.3f}, best fixed t: {curve[best][metric]:.3f}")
-    path = os.path.join(cfg.out, f"eval_{name}{n}_T{steps}" + (f"_halt{cfg.halt:g}" if record.get("halt") else "")
-                        + ".json")
+    path = os.path.join(cfg.out, f"eval_{name}{n}" + (f"_K{k}" if k is not None else "") + f"_T{steps}"
+                        + (f"_halt{cfg.halt:g}" if record.get("halt") else "") + ".json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"  every metric after every step: {path}")

@@ -176,6 +176,18 @@ def test_dry_run_evaluates_past_the_steps_typed_with_it(tmp_path, capsys):
     assert json.load(open(tmp_path / "run" / "state_space.json"))["T"] == 7
 
 
+def test_eval_on_another_distractor_count(tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(["--dry-run", "--device", "cpu", "--out", str(run)])  # pathfinder hgru, default distractors
+    curve = train.main(["--eval", str(run), "--distractors", "15", "--steps", "4"])
+    assert len(curve) == 4 and "with 15 distractors" in capsys.readouterr().out
+    assert (run / "eval_length6_K15_T4.json").is_file()
+    cfg = report.load_config(str(run))
+    kw = dict(split="test", length=6, size=75)
+    few, many = (report.data.task_batch("pathfinder-seg", 0, 4, distractors=k, **kw)[0] for k in (0, 15))
+    assert few.sum() < many.sum() and cfg.distractors is None  # more snakes, more ink; the run keeps its own
+
+
 def tiny(out, *extra):
     return ["--task", "mazes", "--model", "convgru", "--channels", "8", "--kernel", "3", "--algo", "c-bptt",
             "--steps", "2", "--batch-size", "4",
@@ -245,6 +257,7 @@ BAD = [
     (["--resume", "a", "--report", "b"], "pass one of"),
     (["--steps", "20", "--eval-steps", "10"], "--eval-steps must be >= --steps"),
     (["--halt", "1e-3"], "--halt is for --eval"),
+    (["--distractors", "-1"], "--distractors must be >= 0"),
 ]
 
 
@@ -255,6 +268,16 @@ def test_bad_command_lines_fail_early_and_say_what_to_pass(tmp_path, capsys, mon
         train.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err, argv
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_reproduction_presets_need_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        options.parse_args(["--preset", "pf14-crbp"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    p = options.get_parser()
+    p.set_defaults(**options.PRESETS["pf14-bptt"])
+    assert vars(p.parse_args([]))["algo"] == "bptt" and options.PRESETS["pf14-bptt"]["out"] == "results/pf14-bptt"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
