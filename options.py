@@ -75,6 +75,9 @@ def get_parser(description=None):
     a("--truncate", type=int, default=None, help="tbptt: backpropagate through this many last steps")
     a("--batch-size", type=int, default=32,
       help="images per step, over all ranks under torchrun (the paper: 32 per GPU, 4 GPUs: 128)")
+    a("--bn-group", type=int, default=None, metavar="N",
+      help="BatchNorm statistics over groups of N images, whose gradients add up (the paper: --batch-size 128 "
+           "--bn-group 32, its 4 DataParallel GPUs on one); default: the whole (per-rank) batch")
     a("--sync-bn", action="store_true",
       help="under torchrun: BatchNorm statistics over the global batch (torch.nn.SyncBatchNorm, GPUs only, "
            "bptt/tbptt only); default: per-rank statistics, as the paper's DataParallel had")
@@ -182,7 +185,7 @@ def parse_args(argv=None, description=None):
 AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
 RULES = {  # option: (test, what to pass); None passes (the option is off or takes the model's default)
     **{k: AT_LEAST_1 for k in ("steps", "batch_size", "images", "eval_images", "eval_batch_size", "eval_every",
-                               "eval_steps", "until", "channels")},
+                               "eval_steps", "until", "channels", "bn_group")},
     "lr": (lambda v: v > 0, "> 0 (the paper used 1e-3)"),
     "neumann_steps": (lambda v: v >= 0, ">= 0 (the paper used 15)"),
     "penalty_weight": (lambda v: v >= 0, ">= 0 (the paper used 10; 0 turns the LCP off)"),
@@ -239,6 +242,10 @@ def check_args(parser, args):
     if world > 1 and args.batch_size % world:
         parser.error(f"--batch-size is the global batch: it must be a multiple of the {world} ranks, got "
                      f"{args.batch_size}")
+    if args.bn_group and (args.batch_size // world) % args.bn_group:
+        parser.error(f"--bn-group must divide the per-rank batch ({args.batch_size // world}), got {args.bn_group}")
+    if args.bn_group and args.sync_bn:
+        parser.error("--bn-group keeps BatchNorm statistics per group and --sync-bn pools them over ranks: pass one")
     if args.sync_bn and (args.algo not in ("bptt", "tbptt") or args.conv == "fft"):
         parser.error("--sync-bn is for --algo bptt or tbptt without --fast/--conv fft: SyncBatchNorm has no double "
                      "backward (the LCP), its backward all-reduces once per Neumann term (which ranks may stop at "

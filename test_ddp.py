@@ -175,6 +175,20 @@ def test_two_rank_run_resumes_in_one_process_at_the_right_image(tmp_path):
     assert any(not torch.equal(end["model"][k], mid["model"][k]) for k in end["model"])
 
 
+def test_two_ranks_train_as_one_process_with_batchnorm_in_groups(tmp_path):
+    """--bn-group b on one process is the paper's DataParallel on one GPU: it must train as 2 ranks x batch b."""
+    torchrun(tiny(tmp_path / "ddp"))
+    train.main(tiny(tmp_path / "one", "--bn-group", "2"))
+    a, b = checkpoint(tmp_path / "ddp"), checkpoint(tmp_path / "one")
+    params = [k for k in a["model"] if "running" not in k and "num_batches" not in k]  # rank 0's running stats differ
+    assert a["iteration"] == b["iteration"] == 6 and len(params) > 4
+    for k in params:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6), k
+    rows = [r for r in report.read_metrics(tmp_path / "one") if "loss" in r]
+    ref = [r for r in report.read_metrics(tmp_path / "ddp") if "loss" in r]
+    assert abs(rows[-1]["loss"] - ref[-1]["loss"]) < 1e-5 * ref[-1]["loss"]  # the mean over groups = over ranks
+
+
 @pytest.mark.slow
 def test_two_rank_run_in_pieces_equals_one_uninterrupted_two_rank_run(tmp_path):
     torchrun(tiny(tmp_path / "whole"))

@@ -258,6 +258,7 @@ BAD = [
     (["--steps", "20", "--eval-steps", "10"], "--eval-steps must be >= --steps"),
     (["--halt", "1e-3"], "--halt is for --eval"),
     (["--distractors", "-1"], "--distractors must be >= 0"),
+    (["--bn-group", "3"], "--bn-group must divide the per-rank batch (32)"),
 ]
 
 

@@ -244,6 +244,8 @@ def train(args, device, rank=0, world=1):
     next_eval = (start * args.batch_size // args.eval_every + 1) * args.eval_every
     model.train()
     it, run_opts = start, options.crbp_options(args)
+    group_size = args.bn_group or local_batch
+    groups = local_batch // group_size
     with StopOnCtrlC() as ctrl_c:
         while it < iters:
             for group in opt.param_groups:
@@ -251,36 +253,46 @@ def train(args, device, rank=0, world=1):
             images, target, free = data.task_batch(task.name, it * world + rank, local_batch, split="train",
                                                    device=device, chunk=render_chunk(args, device),
                                                    **report.data_options(args))
-            error = None
-            try:
-                with report.autocast(args, device):
-                    out = net(images, steps=args.steps, **run_opts) if model.recurrent else net(images)
-                loss = task.loss(out.logits, target, free)
-                total = loss + args.penalty_weight * out.penalty if args.algo.startswith("c-") else loss
-                if not torch.isfinite(total):  # one sync per step; cheap next to a recurrent step
-                    raise FloatingPointError(f"non-finite loss ({out.stats})")
-            except FloatingPointError as e:  # crbp.run raises it too, for a non-finite state
-                error = str(e)
+            # --bn-group: the batch runs as groups with their own BatchNorm statistics (the paper's DataParallel
+            # replicas); their gradients add up in .grad, so memory is one group's
+            opt.zero_grad(set_to_none=True)
+            error, loss_sum, penalty_sum = None, 0, 0
+            for g in range(groups):
+                part = slice(g * group_size, (g + 1) * group_size)
+                try:
+                    with report.autocast(args, device):
+                        out = (net(images[part], steps=args.steps, **run_opts) if model.recurrent
+                               else net(images[part]))
+                    loss = task.loss(out.logits, target[part], None if free is None else free[part])
+                    total = loss + args.penalty_weight * out.penalty if args.algo.startswith("c-") else loss
+                    if not torch.isfinite(total):  # one sync per step; cheap next to a recurrent step
+                        raise FloatingPointError(f"non-finite loss ({out.stats})")
+                except FloatingPointError as e:  # crbp.run raises it too, for a non-finite state
+                    error = str(e)
+                    break
+                loss_sum, penalty_sum = loss_sum + loss.detach(), penalty_sum + out.penalty.detach()
+                if g < groups - 1:  # the last group's backward waits for the ranks' agreement below
+                    with net.no_sync() if world > 1 else contextlib.nullcontext():  # DDP reduces once, at the last
+                        (total / groups).backward()
             asked = lambda: ctrl_c.asked or bool(args.until_minutes and time.time() - t0 > 60 * args.until_minutes)
             stop = None  # one process: asked() after the step
             if world > 1:  # every rank takes the same branches: one rank's error or stop request stops them all
                 ok = error is None
-                agreed = torch.tensor([not ok, asked(), loss.item() if ok else 0, out.penalty.item() if ok else 0],
-                                      dtype=torch.float64, device=device)
+                agreed = torch.tensor([not ok, asked(), float(loss_sum / groups) if ok else 0,
+                                       float(penalty_sum / groups) if ok else 0], dtype=torch.float64, device=device)
                 dist.all_reduce(agreed)
                 if agreed[0] and ok:
                     error = "non-finite loss or state on another rank"
                 stop, logged = bool(agreed[1]), (agreed[2] / world, agreed[3] / world)  # the mean over ranks
             else:
-                logged = (loss.detach(), out.penalty.detach()) if error is None else None
+                logged = (loss_sum / groups, penalty_sum / groups) if error is None else None
             if error is not None:
                 progress.close()
                 if main_rank:
                     log_jsonl(args.out, {"images": it * args.batch_size, "error": error})
                 raise SystemExit(f"stopped at step {it:,}: {error}. The last good checkpoint is kept in {args.out}. "
                                  "Lower --lr, raise --penalty-weight, or try --algo c-bptt")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
+            (total / groups).backward()
             opt.step()
             it += 1
             seen = it * args.batch_size
