@@ -421,3 +421,30 @@ def other_test_set(model, cfg, device, steps, **knob):
         json.dump(record, f, indent=1)
     print(f"  every metric after every step: {path}")
     return curve
+
+
+def runs_table(run_dirs):
+    """A markdown table of runs from their committed config.json, metrics.jsonl and report.json: what the README's
+    tables are made from (python report.py --table RUN_DIR ...)."""
+    lines = ["| run | images | held-out checks (images: headline metric / curve metric) | at T | at t = eval steps |",
+             "|---|---|---|---|---|"]
+    for run in run_dirs:
+        cfg, rows = load_config(run), read_metrics(run)
+        task = TASKS[cfg.task]
+        seen = max([r["images"] for r in rows if "loss" in r] or [0])
+        short = lambda n: f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
+        checks = ", ".join(f"{short(r['images'])}: {r['eval'][task.metric]:.3f} / {r['eval'][task.curve]:.3f}"
+                           for r in rows if "eval" in r and r["images"])
+        done = os.path.isfile(os.path.join(run, "report.json"))
+        rep = json.load(open(os.path.join(run, "report.json"))) if done else {}
+        curve = next(iter(rep.get("per_step", {}).values()), [])
+        at_t = f"{task.curve} {rep['final'][task.curve]:.3f}" if done else "(training)"
+        lines.append(f"| {os.path.basename(os.path.normpath(run))} ({cfg.model} {cfg.algo}, T={cfg.steps}) | "
+                     f"{seen:,} of {cfg.images:,} | {checks} | {at_t} | {f'{curve[-1]:.3f}' if curve else ''} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Tables of trained runs, from their run directories")
+    ap.add_argument("--table", nargs="+", metavar="RUN_DIR", required=True, help="run directories (results/pf14-*)")
+    print(runs_table(ap.parse_args().table))

@@ -433,6 +433,9 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
     assert at_once["steps_max"] == 1 and at_once["acc"] == curve[0]["acc"]
     with torch.no_grad():  # halting at once is one step
         assert torch.equal(model(images, steps=5, halt=1e9).logits, model(images, steps=1).logits)
+    table = report.runs_table([str(run)]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| r (convgru c-bptt, T=2) | 24 of 24 | 8: ")
+    assert f"| acc {first['final']['acc']:.3f} |" in table[2]
     with pytest.raises(SystemExit):
         train.main(["--eval", str(run), "--lr", "0.5"])
     with pytest.raises(ValueError, match="neither model.pt nor checkpoint.pt"):
