@@ -165,8 +165,9 @@ def render_chunk(args, device):
 
 def train(args, device, rank=0, world=1):
     """One process, or rank `rank` of `world` under torchrun: each rank trains on its own part of every global
-    batch (BatchNorm statistics per rank unless --sync-bn) and DDP averages the gradients; the held-out
-    evaluations are split over the ranks (report.evaluate); rank 0 alone prints, logs and writes the run directory."""
+    batch (BatchNorm statistics per rank, or per --bn-group, unless --sync-bn) and DDP averages the gradients;
+    the held-out evaluations are split over the ranks (report.evaluate); rank 0 alone prints, logs and writes
+    the run directory."""
     task, main_rank, local_batch = report.TASKS[args.task], rank == 0, args.batch_size // world
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True  # shapes are fixed across steps: let cuDNN pick its fastest convs
@@ -246,6 +247,17 @@ def train(args, device, rank=0, world=1):
     it, run_opts = start, options.crbp_options(args)
     group_size = args.bn_group or local_batch
     groups = local_batch // group_size
+
+    def group_loss(images, target, free):
+        """(task loss, loss + weighted LCP, model output) of one BatchNorm group; FloatingPointError if not finite."""
+        with report.autocast(args, device):
+            out = net(images, steps=args.steps, **run_opts) if model.recurrent else net(images)
+        loss = task.loss(out.logits, target, free)
+        total = loss + args.penalty_weight * out.penalty if args.algo.startswith("c-") else loss
+        if not torch.isfinite(total):  # one sync per group; cheap next to a recurrent step
+            raise FloatingPointError(f"non-finite loss ({out.stats})")
+        return loss, total, out
+
     with StopOnCtrlC() as ctrl_c:
         while it < iters:
             for group in opt.param_groups:
@@ -260,13 +272,7 @@ def train(args, device, rank=0, world=1):
             for g in range(groups):
                 part = slice(g * group_size, (g + 1) * group_size)
                 try:
-                    with report.autocast(args, device):
-                        out = (net(images[part], steps=args.steps, **run_opts) if model.recurrent
-                               else net(images[part]))
-                    loss = task.loss(out.logits, target[part], None if free is None else free[part])
-                    total = loss + args.penalty_weight * out.penalty if args.algo.startswith("c-") else loss
-                    if not torch.isfinite(total):  # one sync per step; cheap next to a recurrent step
-                        raise FloatingPointError(f"non-finite loss ({out.stats})")
+                    loss, total, out = group_loss(images[part], target[part], None if free is None else free[part])
                 except FloatingPointError as e:  # crbp.run raises it too, for a non-finite state
                     error = str(e)
                     break
