@@ -1,4 +1,5 @@
 """Training throughput of the paper's Pathfinder hGRU under each algorithm, on one GPU: `make bench`.
+(`--model locrnn` or `convgru`: the LocRNN paper's cells on 11 x 11 mazes, 28 px padded to 32, instead.)
 
 One training step = forward + focal loss + LCP + backward + Adam on a batch, plus that batch's share of
 rendering the data (train.py renders chunks of RENDER_CHUNK images on the GPU; one chunk is timed and its
@@ -19,6 +20,7 @@ The table also goes to results/bench_<gpu>.json, one record per config and path.
     python bench.py                                   # every config, plain and fast
     python bench.py --configs c-rbp:20:32 bptt:6:32 --repeats 10
     python bench.py --paths fast --profile            # where a C-RBP step's time goes on the fast path
+    python bench.py --model locrnn --configs bptt:15:256 c-rbp:15:256   # a mazes row (fast = compiled cell)
 """
 import argparse
 import functools
@@ -34,7 +36,7 @@ import data
 import fastpath
 import models
 from data import RENDER_CHUNK  # train.py renders its batches in chunks of this many images
-from report import focal_loss
+from report import TASKS
 
 # (algo, T, batch) -> the paper code's (hgrucleanSEG.py) img/s and peak GiB on one H200, torch 2.11 (issue 11)
 PAPER_H200 = {("c-rbp", 20, 32): (135.7, 3.76), ("c-rbp", 20, 128): (161.7, 14.74), ("c-rbp", 40, 32): (95.2, 3.69),
@@ -44,30 +46,46 @@ CONFIGS = ["c-rbp:20:32", "c-bptt:6:32", "bptt:6:32", "c-rbp:80:32", "c-rbp:20:6
            "bptt:20:32"]
 
 
+MODEL = "hgru"  # --model: hgru on PF-14 (the C-RBP paper), or a LocRNN-paper cell on mazes
+
+
 def build(device, fast):
-    """The paper's hGRU; on the fast path with FFT convolutions and the compiled cell and VJP."""
+    """The paper's hGRU (or --model's cell); on the fast path with the compiled cell (the hGRU: FFT convolutions
+    and the compiled explicit VJP too)."""
     torch.manual_seed(0)
-    model = models.build("hgru", conv="fft" if fast else "direct").to(device)
+    opts = dict(conv="fft" if fast else "direct") if MODEL == "hgru" else dict(task="mazes")
+    model = models.build(MODEL, **opts).to(device)
     if fast:
         torch._dynamo.reset()  # each model compiles afresh, so that no config meets dynamo's recompile limit
         model.compile_cell()
     return model
 
 
-def loss_of(model, images, target, algo, T, K):
+def batch_of(batch, device, seed):
+    """(images, target, free) of the benchmarked task: PF-14 seg at 150 px, or 11 x 11 mazes."""
+    if MODEL == "hgru":
+        images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=seed)
+        return images, target.long(), None
+    images, target = data.mazes(batch, grid=11, canvas=32, device=device, seed=seed)  # as train.py's task_batch
+    return images, target.long(), images.amax(1) > 0
+
+
+def loss_of(model, batch, algo, T, K):
+    images, target, free = batch
     out = model(images, steps=T, algo=algo, neumann_steps=K, mu=0.9)
-    return focal_loss(out.logits, target.long()) + (10 * out.penalty if algo.startswith("c-") else 0), out
+    task = TASKS["pathfinder" if MODEL == "hgru" else "mazes"]
+    return task.loss(out.logits, target, free) + (10 * out.penalty if algo.startswith("c-") else 0), out
 
 
 def grad_error(algo, T, batch, device, fast, K):
     """Relative error of a path's parameter gradient against the plain path in true float32 (F.conv2d with
     TF32 off), same weights and batch; and whether both Neumann series stopped alike."""
-    images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=12345)
+    sample = batch_of(batch, device, 12345)
     grads, terms = [], []
     for path_fast, tf32 in ((False, False), (fast, True)):
         torch.backends.cudnn.allow_tf32 = tf32  # the reference without TF32; the path as benchmarked
         model = build(device, path_fast)
-        loss, out = loss_of(model, images, target, algo, T, K)
+        loss, out = loss_of(model, sample, algo, T, K)
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
         terms.append((out.stats.neumann_terms, out.stats.neumann_stop))
     torch.backends.cudnn.allow_tf32 = True
@@ -90,12 +108,12 @@ def cuda_ms(fn, warmup, repeats):
     return statistics.median(times)
 
 
-def trainer(model, images, target, algo, T, K, stats=None):
-    """One Adam training step on (images, target), as train.py takes it."""
+def trainer(model, batch, algo, T, K, stats=None):
+    """One Adam training step on batch = (images, target, free), as train.py takes it."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step():
-        loss, out = loss_of(model, images, target, algo, T, K)
+        loss, out = loss_of(model, batch, algo, T, K)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -108,9 +126,8 @@ def bench(algo, T, batch, fast, args, device, render_ms):
     """One record: img/s of training steps plus the batch's share of rendering a chunk of RENDER_CHUNK
     images (train.py renders that way); peak GiB; the Neumann terms used; the gradient error."""
     model = build(device, fast)
-    images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=0)
     stats = []
-    step = trainer(model, images, target, algo, T, args.neumann_steps, stats)
+    step = trainer(model, batch_of(batch, device, 0), algo, T, args.neumann_steps, stats)
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -120,7 +137,7 @@ def bench(algo, T, batch, fast, args, device, render_ms):
     terms = [s.neumann_terms for s in stats if s.neumann_terms is not None]
     err = grad_error(algo, T, min(batch, 32), device, fast, args.neumann_steps) if args.grad_err else None
     torch.cuda.empty_cache()
-    return dict(algo=algo, T=T, batch=batch, path="fast" if fast else "plain", img_s=1e3 * batch / ms,
+    return dict(model=MODEL, algo=algo, T=T, batch=batch, path="fast" if fast else "plain", img_s=1e3 * batch / ms,
                 peak_gib=peak, neumann_terms=statistics.median(terms) if terms else None, grad_err=err)
 
 
@@ -128,7 +145,8 @@ def profile(args, device, fast, batch=32, T=20, K=15):
     """Where one C-RBP training step's time goes: each phase timed alone (median of 5), then the top CUDA
     kernels of a whole step from torch.profiler."""
     model = build(device, fast)
-    images, target = data.pathfinder(batch, length=14, task="seg", device=device, seed=0)
+    sample = batch_of(batch, device, 0)
+    images = sample[0]
     with torch.no_grad():
         x = model.front(images)
         extra = model.cell.prepare(x)
@@ -151,8 +169,8 @@ def profile(args, device, fast, batch=32, T=20, K=15):
               ("one taped step + its backward", lambda: cell(hp, x).sum().backward()),
               ("the LCP at one transition + its backward", lambda: lcp().backward()),
               (f"one Neumann term v^T J (K={K} a step)", term),
-              ("training step c-rbp, K=0 (LCP, no Neumann terms)", trainer(model, images, target, "c-rbp", T, 0)),
-              (f"training step c-rbp, K={K}", trainer(model, images, target, "c-rbp", T, K))]
+              ("training step c-rbp, K=0 (LCP, no Neumann terms)", trainer(model, sample, "c-rbp", T, 0)),
+              (f"training step c-rbp, K={K}", trainer(model, sample, "c-rbp", T, K))]
     print(f"\nC-RBP T={T}, batch {batch}, {'fast' if fast else 'plain'} path: time per phase (ms)")
     for name, fn in phases:
         print(f"  {name:<52}{cuda_ms(fn, 2, 5):9.2f}", flush=True)
@@ -170,15 +188,17 @@ def _no_grad(fn):
 
 def table(records):
     """The bench table: one line per config and path, every speed also as a ratio to the plain path."""
-    plain = {(r["algo"], r["T"], r["batch"]): r["img_s"] for r in records if r["path"] == "plain"}
+    key_of = lambda r: (r.get("model", "hgru"), r["algo"], r["T"], r["batch"])  # noqa: E731
+    plain = {key_of(r): r["img_s"] for r in records if r["path"] == "plain"}
     head = (f"{'config':<14}{'batch':>6}{'path':>7}{'img/s':>9}{'x plain':>9}{'peak GiB':>10}{'Neumann':>9}"
             f"{'grad err':>10}{'paper code H200 img/s (GiB)':>30}")
     lines = [head]
     for r in records:
-        key = (r["algo"], r["T"], r["batch"])
+        key = key_of(r)
         ratio = r["img_s"] / plain[key] if key in plain else None
-        paper = PAPER_H200.get(key)
-        lines.append(f"{r['algo'] + ' T=' + str(r['T']):<14}{r['batch']:>6}{r['path']:>7}{r['img_s']:>9.1f}"
+        paper = PAPER_H200.get(key[1:]) if key[0] == "hgru" else None
+        name = ("" if key[0] == "hgru" else key[0] + " ") + r["algo"] + " T=" + str(r["T"])
+        lines.append(f"{name:<14}{r['batch']:>6}{r['path']:>7}{r['img_s']:>9.1f}"
                      f"{'-' if ratio is None else f'{ratio:.2f}':>9}{r['peak_gib']:>10.2f}"
                      f"{'-' if r['neumann_terms'] is None else r['neumann_terms']:>9}"
                      f"{'-' if r['grad_err'] is None else format(r['grad_err'], '.1e'):>10}"
@@ -190,24 +210,28 @@ def table(records):
 def markdown(path):
     """The README's speed table from a bench JSON file (no GPU needed): one row per config, both paths."""
     run = json.load(open(path))
-    rec = {(r["algo"], r["T"], r["batch"], r["path"]): r for r in run["records"]}
+    rec = {(r.get("model", "hgru"), r["algo"], r["T"], r["batch"], r["path"]): r for r in run["records"]}
     cell = lambda r: "–" if r is None else f"{r['img_s']:.1f} ({r['peak_gib']:.2f})"
     print(f"{run['gpu']}, torch {run['torch']}, median of {run['repeats']} steps after {run['warmup']} warm-up steps\n")
     print("| config | batch | plain img/s (GiB) | fast img/s (GiB) | fast ÷ plain | Neumann terms | grad err (fast) "
           "| paper code img/s (GiB) |\n|---|---|---|---|---|---|---|---|")
-    for algo, T, batch in dict.fromkeys(k[:3] for k in rec):
-        p, f = rec.get((algo, T, batch, "plain")), rec.get((algo, T, batch, "fast"))
+    for model, algo, T, batch in dict.fromkeys(k[:4] for k in rec):
+        p, f = rec.get((model, algo, T, batch, "plain")), rec.get((model, algo, T, batch, "fast"))
         ratio = f"{f['img_s'] / p['img_s']:.2f}" if p and f else "–"
         terms = "–" if f is None or f["neumann_terms"] is None else int(f["neumann_terms"])
         err = "–" if f is None or f["grad_err"] is None else format(f["grad_err"], ".1e")
-        paper = PAPER_H200.get((algo, T, batch))
-        print(f"| {algo.upper()} T={T} | {batch} | {cell(p)} | {cell(f)} | {ratio} | {terms} | {err} | "
+        paper = PAPER_H200.get((algo, T, batch)) if model == "hgru" else None
+        name = ("" if model == "hgru" else model + " ") + f"{algo.upper()} T={T}"
+        print(f"| {name} | {batch} | {cell(p)} | {cell(f)} | {ratio} | {terms} | {err} | "
               + ("–" if paper is None else f"{paper[0]} ({paper[1]})") + " |")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="*", default=CONFIGS, help="algo:T:batch, e.g. c-rbp:20:32")
+    p.add_argument("--configs", nargs="*", default=None, help="algo:T:batch, e.g. c-rbp:20:32 (default: the hGRU's "
+                                                              "table; with --model, bptt, c-bptt, c-rbp at T=15, 256)")
+    p.add_argument("--model", default="hgru", choices=("hgru", "locrnn", "convgru"),
+                   help="hgru: the C-RBP paper's PF-14 config; locrnn, convgru: the LocRNN paper's 11 x 11 mazes")
     p.add_argument("--paths", nargs="*", default=["plain", "fast"], choices=("plain", "fast"),
                    help="which paths to measure (the ratio to plain needs plain)")
     p.add_argument("--neumann-steps", type=int, default=15)
@@ -219,6 +243,11 @@ def main():
     p.add_argument("--out", default="results", help="folder for bench_<gpu>.json")
     p.add_argument("--markdown", metavar="JSON", help="print the README's table from a bench JSON file, and exit")
     args = p.parse_args()
+    global MODEL
+    MODEL = args.model
+    if args.profile and MODEL != "hgru":
+        p.error("--profile times the hGRU's phases (its FFT spectra and explicit VJP): use it without --model")
+    args.configs = args.configs or (CONFIGS if MODEL == "hgru" else ["bptt:15:256", "c-bptt:15:256", "c-rbp:15:256"])
     if args.markdown:
         return markdown(args.markdown)
     if not torch.cuda.is_available():
@@ -238,9 +267,10 @@ def main():
         for path in args.paths:
             profile(args, device, path == "fast")
         return
-    render_ms = cuda_ms(lambda: data.pathfinder(RENDER_CHUNK, 14, device=device, seed=1), 1, 3)
+    render_ms = cuda_ms(lambda: batch_of(RENDER_CHUNK, device, 1), 1, 3)
     os.makedirs(args.out, exist_ok=True)
-    name = os.path.join(args.out, "bench_" + "".join(c if c.isalnum() else "_" for c in gpu.lower()) + ".json")
+    name = os.path.join(args.out, "bench_" + ("" if MODEL == "hgru" else MODEL + "_")
+                        + "".join(c if c.isalnum() else "_" for c in gpu.lower()) + ".json")
     records = []
     for algo, T, batch in configs:
         for path in args.paths:

@@ -221,3 +221,19 @@ def test_bench_markdown_table_is_made_from_the_json(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| C-RBP", "| BPTT"))]
     assert rows[0] == "| C-RBP T=20 | 32 | 100.0 (3.50) | 250.0 (4.00) | 2.50 | 15 | 2.0e-06 | 135.7 (3.76) |"
     assert rows[1] == "| BPTT T=6 | 32 | – | 800.0 (5.00) | – | – | – | 343.3 (7.58) |"
+
+
+def test_bench_mazes_row_trains_on_the_cpu_and_has_no_paper_column(monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(bench, "MODEL", "locrnn")
+    model = bench.build("cpu", fast=False)
+    sample = bench.batch_of(4, "cpu", 0)
+    assert sample[0].shape == (4, 3, 32, 32) and sample[2].dtype == torch.bool
+    stats = []
+    before = [p.detach().clone() for p in model.parameters()]
+    bench.trainer(model, sample, "c-bptt", 3, 0, stats)()
+    assert len(stats) == 1 and any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    rec = [dict(model="locrnn", algo="bptt", T=15, batch=256, path=p, img_s=v, peak_gib=1.0, neumann_terms=None,
+                grad_err=None) for p, v in (("plain", 1000.0), ("fast", 3000.0))]
+    lines = bench.table(rec).splitlines()
+    assert lines[2].split()[:4] == ["locrnn", "bptt", "T=15", "256"] and "3.00" in lines[2] and lines[2].endswith("-")
