@@ -181,6 +181,29 @@ def profile(args, device, fast, batch=32, T=20, K=15):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=60))
 
 
+def mix_bench(device, warmup, repeats):
+    """fft_conv at the paper's shape (32 x 25 x 150 x 150, 15 x 15 kernel) with each channel mix, and the
+    Triton mix kernel alone at several block sizes (fastpath.MIX, issue 11): ms per call."""
+    x = torch.randn(32, 25, 150, 150, device=device)
+    size = tuple(fastpath.fft_size(n, 7) for n in x.shape[-2:])
+    w_hat = fastpath.kernel_spectrum(torch.randn(25, 25, 15, 15, device=device), size)
+    X = torch.fft.rfft2(x, s=size)
+    rows = [("mix: permute + matmul (+ the copy irfft2 makes)",
+             lambda: (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous())]
+    for bb, bf, nw in ((32, 8, 8), (32, 4, 4), (32, 16, 8), (16, 8, 4), (16, 16, 8), (8, 16, 4), (8, 32, 8)):
+        rows.append((f"mix: triton, batch block {bb}, frequency block {bf}, {nw} warps",
+                     lambda bb=bb, bf=bf, nw=nw: fastpath.mix(X, w_hat, bb, bf, nw)))
+    err = (fastpath.mix(X, w_hat) - rows[0][1]()).abs().max() / X.abs().max()
+    for mode in ("matmul", "triton"):
+        rows.append((f"fft_conv, MIX={mode}", lambda mode=mode: (setattr(fastpath, "MIX", mode),
+                                                                fastpath.fft_conv(x, w_hat, size))))
+    print(f"\nthe channel mix at 32 x 25 x {size[0]} x {size[1] // 2 + 1} frequencies (triton vs matmul: max error "
+          f"{err.item():.1e} of max |X|); ms per call")
+    for name, fn in rows:
+        print(f"  {name:<62}{cuda_ms(fn, warmup, repeats):9.3f}", flush=True)
+    fastpath.MIX = "matmul"
+
+
 def _no_grad(fn):
     with torch.no_grad():
         return fn()
@@ -240,6 +263,9 @@ def main():
     p.add_argument("--no-grad-err", dest="grad_err", action="store_false", help="skip the gradient check")
     p.add_argument("--profile", action="store_true", help="time each phase of a C-RBP step and list the top kernels")
     p.add_argument("--profile-rows", type=int, default=15)
+    p.add_argument("--mix", default="matmul", choices=("matmul", "triton"),
+                   help="the fast path's channel mix (fastpath.MIX): permute + batched matmul, or one Triton kernel")
+    p.add_argument("--mix-bench", action="store_true", help="time the channel mixes and the Triton kernel's blocks")
     p.add_argument("--out", default="results", help="folder for bench_<gpu>.json")
     p.add_argument("--markdown", metavar="JSON", help="print the README's table from a bench JSON file, and exit")
     args = p.parse_args()
@@ -263,6 +289,9 @@ def main():
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}; median of {args.repeats} steps after {args.warmup} warm-up steps, "
           f"plus each batch's share of rendering {RENDER_CHUNK} images", flush=True)
+    fastpath.MIX = args.mix
+    if args.mix_bench:
+        return mix_bench(device, args.warmup, args.repeats)
     if args.profile:
         for path in args.paths:
             profile(args, device, path == "fast")
@@ -279,8 +308,8 @@ def main():
                   f"{records[-1]['peak_gib']:.2f} GiB", flush=True)
             text = table(records)  # written after every record, so that a cut-off run keeps what it measured
             with open(name, "w") as f:
-                json.dump(dict(gpu=gpu, torch=torch.__version__, render_ms=render_ms, repeats=args.repeats,
-                               warmup=args.warmup,
+                json.dump(dict(gpu=gpu, torch=torch.__version__, mix=args.mix, render_ms=render_ms,
+                               repeats=args.repeats, warmup=args.warmup,
                                paper_code_h200=[dict(algo=a, T=T, batch=b, img_s=v[0], peak_gib=v[1])
                                                 for (a, T, b), v in PAPER_H200.items()], records=records), f,
                           indent=1)

@@ -14,10 +14,20 @@ gradient included, thrown away), and the LCP by a double backward. Written out, 
 elementwise products, two BatchNorm adjoints and two adjoint convolutions: cheap, compilable, and its
 first-order backward trains the LCP. This module imports only torch.
 """
+import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # triton's CPU interpreter: the tests run the kernel there
+try:  # optional: the channel mix as one kernel (MIX = "triton"); CUDA builds of torch ship triton
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+MIX = "matmul"  # the per-frequency channel mix of fft_conv on CUDA: "matmul" (permute + batched matmul) or "triton"
 
 
 def at_least_fp32(z):
@@ -104,10 +114,62 @@ class _FFTConv(torch.autograd.Function):
 
 def _fft_correlate(x, w_hat, size):
     H, W = x.shape[-2:]
-    X = torch.fft.rfft2(at_least_fp32(x), s=size).permute(2, 3, 0, 1)  # n x m' x B x C, x zero-padded
+    X = torch.fft.rfft2(at_least_fp32(x), s=size)  # B x C x n x m', x zero-padded
     #   Y(f) = X(f) W^(f): a C x O complex matrix product at every frequency f
-    Y = (X @ w_hat).permute(2, 3, 0, 1)  # B x O x n x m' (a view: irfft2 copies it once, as it must for c2r)
+    if MIX == "triton" and X.dtype == torch.complex64 and (X.is_cuda or _INTERPRET):
+        Y = mix(X, w_hat)  # B x O x n x m', read and written in cuFFT's layout: no permute copies
+    else:
+        Y = (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1)  # a view: irfft2 copies it once, as c2r must
     return torch.fft.irfft2(Y, s=size)[..., :H, :W]
+
+
+@torch.compiler.disable  # a kernel launch of its own: compiled code around it runs as before
+def mix(X, w_hat, block_b=32, block_f=8, num_warps=8):
+    """Y[b, o, f] = sum_c X[b, c, f] W^[f, c, o] by one Triton kernel: X (B x C x n x m', complex64, as rfft2
+    returns it), w_hat (n x m' x C x O, any strides, possibly a conjugate view: kernel_spectrum's layout or
+    the adjoint's W^H view) -> B x O x n x m'. The batch and a tile of frequencies per program, W^ read once."""
+    if triton is None:
+        raise RuntimeError("fastpath.mix needs triton (pip install triton, or a CUDA build of torch)")
+    B, C, n, m = X.shape
+    conj = w_hat.is_conj()
+    w = w_hat.conj() if conj else w_hat  # the same memory, read with the imaginary part negated
+    w = w.flatten(0, 1)  # F x C x O, a view for both layouts
+    O, Xc, Y = w.shape[-1], X.contiguous(), X.new_empty(B, w.shape[-1], n, m)
+    xr, wr, yr = (torch.view_as_real(t) for t in (Xc, w, Y))
+    bb = min(block_b, triton.next_power_of_2(B))
+    grid = (triton.cdiv(n * m, block_f), triton.cdiv(B, bb))
+    _mix_kernel[grid](xr, wr, yr, B, C, O, n * m, *wr.stride()[:3], CONJ=conj, BB=bb,
+                      BO=triton.next_power_of_2(O), BF=block_f, num_warps=num_warps)
+    return Y
+
+
+if triton is not None:
+    @triton.jit
+    def _mix_kernel(x_ptr, w_ptr, y_ptr, B, C, O, F, swf, swc, swo, CONJ: tl.constexpr, BB: tl.constexpr,
+                    BO: tl.constexpr, BF: tl.constexpr):
+        # floats: X (B, C, F, 2) contiguous, W (F, C, O, 2) with strides (swf, swc, swo, 1), Y (B, O, F, 2)
+        f = tl.program_id(0) * BF + tl.arange(0, BF)
+        b = tl.program_id(1) * BB + tl.arange(0, BB)
+        o = tl.arange(0, BO)
+        x_mask = (b[:, None] < B) & (f[None, :] < F)
+        w_mask = (o[:, None] < O) & (f[None, :] < F)
+        acc_r = tl.zeros((BB, BO, BF), dtype=tl.float32)
+        acc_i = tl.zeros((BB, BO, BF), dtype=tl.float32)
+        for c in range(C):
+            x_off = ((b[:, None] * C + c) * F + f[None, :]) * 2  # (BB, BF)
+            x_re = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)[:, None, :]
+            x_im = tl.load(x_ptr + x_off + 1, mask=x_mask, other=0.0)[:, None, :]
+            w_off = f[None, :] * swf + c * swc + o[:, None] * swo  # (BO, BF)
+            w_re = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)[None, :, :]
+            w_im = tl.load(w_ptr + w_off + 1, mask=w_mask, other=0.0)[None, :, :]
+            if CONJ:
+                w_im = -w_im
+            acc_r += x_re * w_re - x_im * w_im
+            acc_i += x_re * w_im + x_im * w_re
+        y_off = ((b[:, None, None] * O + o[None, :, None]) * F + f[None, None, :]) * 2
+        y_mask = (b[:, None, None] < B) & (o[None, :, None] < O) & (f[None, None, :] < F)
+        tl.store(y_ptr + y_off, acc_r, mask=y_mask)
+        tl.store(y_ptr + y_off + 1, acc_i, mask=y_mask)
 
 
 class Spectra(NamedTuple):

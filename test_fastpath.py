@@ -2,6 +2,9 @@
 explicit VJP against autograd, the LCP through it against crbp.lcp's double backward, and the whole fast
 model against the plain one. The CUDA test compares the compiled fast path with the plain float32 path."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -237,3 +240,34 @@ def test_bench_mazes_row_trains_on_the_cpu_and_has_no_paper_column(monkeypatch, 
                 grad_err=None) for p, v in (("plain", 1000.0), ("fast", 3000.0))]
     lines = bench.table(rec).splitlines()
     assert lines[2].split()[:4] == ["locrnn", "bptt", "T=15", "256"] and "3.00" in lines[2] and lines[2].endswith("-")
+
+
+MIX_CHECK = """
+import torch, fastpath
+interpret = fastpath._INTERPRET
+device = "cpu" if interpret or not torch.cuda.is_available() else "cuda"
+torch.manual_seed(0)
+for B, C, O in ((3, 4, 5), (33, 25, 25)):  # a batch above the kernel's batch block, the hGRU's 25 channels
+    x = torch.randn(B, C, 9, 11, device=device, requires_grad=True)
+    w = torch.randn(O, C, 5, 5, device=device, requires_grad=True)
+    size = tuple(fastpath.fft_size(n, 2) for n in x.shape[-2:])
+    out = []
+    for mode in ("matmul", "triton"):
+        fastpath.MIX = mode
+        y = fastpath.fft_conv(x, fastpath.kernel_spectrum(w, size), size)  # the backward's W^H is a conj view
+        out.append((y, *torch.autograd.grad((y * y).sum(), (x, w))))
+    for a, b in zip(*out):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5, ((a - b).abs().max(), a.abs().max())
+print("ok")
+"""
+
+
+def test_triton_mix_equals_the_matmul_mix():
+    """fastpath.MIX = "triton": fft_conv's channel mix as one kernel on cuFFT's layout, forward and both
+    gradients against the permute + matmul mix. On a GPU natively, else in triton's CPU interpreter;
+    skipped where triton is not installed."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0" if torch.cuda.is_available() else "1"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", MIX_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
