@@ -7,6 +7,7 @@ and test_fastpath.py checks each against it in float64.
     h_next  = cell(h, z, spectra=spectra)             # a step through fft_conv
     v_J     = vjp_h(cell, h, z, v, spectra)           # v^T dF(h, z)/dh, an ordinary forward computation
     vjp     = StepVJP(cell.linearize, cell.adjoint)   # the same, with the step's Jacobian factors reused
+    fastpath.MIX = "triton"                           # fft_conv's channel mix as one Triton kernel (CUDA)
 
 Why an explicit VJP: crbp's Neumann series needs v^T J (J = dF/dh at h_{T-1}) K times, and the LCP needs
 1^T J once, trained through. Autograd gets v^T J by running the step's whole backward (every parameter
