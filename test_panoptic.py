@@ -458,7 +458,7 @@ def test_into_torchvision_adapter_on_a_stand_in_roi_heads():
 
 
 def test_into_torchvision():
-    tv = pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")
     from torchvision.models.detection import maskrcnn_resnet50_fpn
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=128)

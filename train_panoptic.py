@@ -364,7 +364,7 @@ def memory_profile(args, rois=512):
         x = torch.randn(rois, args.channels, 14, 14, device=dev, requires_grad=True)
         labels = torch.randint(0, len(THINGS), (rois,), device=dev)
         target = (torch.rand(rois, 28, 28, device=dev) > 0.5).float()
-        step = lambda: (mask_loss(head(x), labels, target) + head.penalty).backward()
+        step = lambda head=head, x=x: (mask_loss(head(x), labels, target) + head.penalty).backward()
         sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)
