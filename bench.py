@@ -47,6 +47,7 @@ CONFIGS = ["c-rbp:20:32", "c-bptt:6:32", "bptt:6:32", "c-rbp:80:32", "c-rbp:20:6
 
 
 MODEL = "hgru"  # --model: hgru on PF-14 (the C-RBP paper), or a LocRNN-paper cell on mazes
+COMPILE_MODE = None  # --compile-mode: torch.compile's mode for the fast path ("reduce-overhead": CUDA graphs)
 
 
 def build(device, fast):
@@ -57,7 +58,7 @@ def build(device, fast):
     model = models.build(MODEL, **opts).to(device)
     if fast:
         torch._dynamo.reset()  # each model compiles afresh, so that no config meets dynamo's recompile limit
-        model.compile_cell()
+        model.compile_cell(**({"mode": COMPILE_MODE} if COMPILE_MODE else {}))
     return model
 
 
@@ -266,11 +267,13 @@ def main():
     p.add_argument("--mix", default="matmul", choices=("matmul", "triton"),
                    help="the fast path's channel mix (fastpath.MIX): permute + batched matmul, or one Triton kernel")
     p.add_argument("--mix-bench", action="store_true", help="time the channel mixes and the Triton kernel's blocks")
+    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode of the fast path's cell and VJP (reduce-overhead replays CUDA graphs)")
     p.add_argument("--out", default="results", help="folder for bench_<gpu>.json")
     p.add_argument("--markdown", metavar="JSON", help="print the README's table from a bench JSON file, and exit")
     args = p.parse_args()
-    global MODEL
-    MODEL = args.model
+    global MODEL, COMPILE_MODE
+    MODEL, COMPILE_MODE = args.model, args.compile_mode
     if args.profile and MODEL != "hgru":
         p.error("--profile times the hGRU's phases (its FFT spectra and explicit VJP): use it without --model")
     args.configs = args.configs or (CONFIGS if MODEL == "hgru" else ["bptt:15:256", "c-bptt:15:256", "c-rbp:15:256"])
@@ -308,8 +311,8 @@ def main():
                   f"{records[-1]['peak_gib']:.2f} GiB", flush=True)
             text = table(records)  # written after every record, so that a cut-off run keeps what it measured
             with open(name, "w") as f:
-                json.dump(dict(gpu=gpu, torch=torch.__version__, mix=args.mix, render_ms=render_ms,
-                               repeats=args.repeats, warmup=args.warmup,
+                json.dump(dict(gpu=gpu, torch=torch.__version__, mix=args.mix, compile_mode=args.compile_mode,
+                               render_ms=render_ms, repeats=args.repeats, warmup=args.warmup,
                                paper_code_h200=[dict(algo=a, T=T, batch=b, img_s=v[0], peak_gib=v[1])
                                                 for (a, T, b), v in PAPER_H200.items()], records=records), f,
                           indent=1)
