@@ -175,13 +175,17 @@ def test_two_rank_run_resumes_in_one_process_at_the_right_image(tmp_path):
     assert any(not torch.equal(end["model"][k], mid["model"][k]) for k in end["model"])
 
 
-def test_two_ranks_train_as_one_process_with_batchnorm_in_groups(tmp_path):
-    """--bn-group b on one process is the paper's DataParallel on one GPU: it must train as 2 ranks x batch b."""
-    torchrun(tiny(tmp_path / "ddp"))
-    train.main(tiny(tmp_path / "one", "--bn-group", "2"))
+@pytest.mark.parametrize("ddp,one", [((), ("--bn-group", "2")),  # 2 ranks x 2 = one process in groups of 2
+                                     (("--batch-size", "8", "--bn-group", "2"),  # groups within ranks (no_sync)
+                                      ("--batch-size", "8", "--bn-group", "2"))], ids=["ranks", "ranks-and-groups"])
+def test_two_ranks_train_as_one_process_with_batchnorm_in_groups(tmp_path, ddp, one):
+    """--bn-group b on one process is the paper's DataParallel on one GPU: it must train as 2 ranks x batch b;
+    and groups inside each rank (gradients summed under DDP's no_sync) as the same groups in one process."""
+    torchrun(tiny(tmp_path / "ddp", *ddp))
+    train.main(tiny(tmp_path / "one", *one))
     a, b = checkpoint(tmp_path / "ddp"), checkpoint(tmp_path / "one")
     params = [k for k in a["model"] if "running" not in k and "num_batches" not in k]  # rank 0's running stats differ
-    assert a["iteration"] == b["iteration"] == 6 and len(params) > 4
+    assert a["iteration"] == b["iteration"] == 24 // (8 if ddp else 4) and len(params) > 4
     for k in params:
         assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6), k
     rows = [r for r in report.read_metrics(tmp_path / "one") if "loss" in r]
