@@ -12,6 +12,7 @@ import os
 import torch
 
 import crbp
+import fastpath
 import models
 import report
 
@@ -39,7 +40,7 @@ DRY_RUN = dict(images=8, batch_size=4, eval_images=4, eval_every=4, eval_batch_s
                steps=3, neumann_steps=3, kernel=3, out=None)
 # options a --resume or --report may change: where it runs, when it stops, how it is evaluated (not what is trained)
 RESUMABLE = {"until", "until_minutes", "device", "eval_images", "eval_batch_size", "eval_every", "eval_steps",
-             "eval_lengths", "compile", "conv", "fast"}
+             "eval_lengths", "compile", "conv", "fast", "mix"}
 MODES = ("resume", "report", "eval", "ks")  # what train.py does instead of a new run; not saved in config.json
 NOT_SAVED = set(MODES) | {"until", "until_minutes", "preset", "halt"}
 
@@ -104,6 +105,9 @@ def get_parser(description=None):
     a("--fast", action=argparse.BooleanOptionalAction, default=False,
       help="--conv fft --compile, the fastest path on a GPU. On in --preset pathfinder; --no-fast there gives "
            "the plain path")
+    a("--mix", default="matmul", choices=("matmul", "triton"),
+      help="with --fast on a GPU: the FFT convolutions' channel mix as permute + batched matmul, or as one Triton "
+           "kernel on cuFFT's layout (fastpath.MIX; the same function)")
     a("--seed", type=int, default=0, help="seed of the weights and of the training and test data streams")
     a("--device", default="auto", help="auto (cuda if available), cuda, cuda:1 or cpu")
     a("--out", default=None, help="run directory (default runs/<task>-<model>-<algo>; --dry-run: a temporary one)")
@@ -235,6 +239,10 @@ def check_args(parser, args):
             parser.error(f"--grid / --eval-lengths must be odd, >= 3 and fit --canvas {args.canvas} "
                          f"(a grid-n maze is 2n+6 px), got {n}")
     check_device(parser, args.device)
+    if args.mix == "triton" and (args.conv != "fft" or args.device == "cpu" or not torch.cuda.is_available()
+                                 or fastpath.triton is None):
+        parser.error("--mix triton is the fast path's channel mix on a CUDA GPU: pass --fast (or --conv fft) on a "
+                     "machine with CUDA and triton")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets it
     if world > 1 and (args.report or args.eval):
         mode = "report" if args.report else "eval"

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
+import fastpath
 import models
 import options
 import report
@@ -177,6 +178,7 @@ def train(args, device, rank=0, world=1):
         options.get_parser().error(f"--model {args.model}: {e}")
     if args.out is None and main_rank:  # a dry run without --out
         args.out = tempfile.mkdtemp(prefix="crbp-dry-run-")
+    fastpath.MIX = args.mix  # the FFT convolutions' channel mix (the same function either way)
     if args.compile and model.recurrent:
         model.compile_cell()
     net = model  # what the training step calls; evaluations and checkpoints use the model itself
