@@ -161,27 +161,24 @@ def evaluate(model, cfg, device, steps, n_images, per_step=False, halt=None, **k
     was_training = model.training
     model.eval()
     bs = min(cfg.eval_batch_size, n_images)
-    records = {}  # batch index -> [its record after each step]
+    records = {}  # batch index -> ([its record after each step], the steps its images took under halt)
     for b in range(rank, math.ceil(n_images / bs), world):
         images, target, free = data.task_batch(task.name, b, bs, split="test", device=device,
                                                **data_options(cfg, **knob))
         with autocast(cfg, device):
             out = forward(model, images, steps, algo="bptt", per_step=per_step, **({"halt": halt} if halt else {}))
         logits_t = out.per_step if out.per_step is not None else [out.logits]  # T x (B, classes, ...)
-        records[b] = [task.score(logits, target, free).cpu() for logits in logits_t]
-        if halt:  # the steps each image took, kept beside the batch's record
-            records[b] = [(r, out.stats.halted.cpu()) for r in records[b]]
+        records[b] = ([task.score(logits, target, free).cpu() for logits in logits_t],
+                      out.stats.halted.cpu() if halt else None)
     model.train(was_training)
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, records)
         records = {b: r for part in parts for b, r in part.items()}
-    per_t = [list(r) for r in zip(*(records[b] for b in sorted(records)))]  # for each t, every batch's record
+    batches = [records[b] for b in sorted(records)]
+    summary = [task.summarize(list(r)) for r in zip(*(rec for rec, _ in batches))]  # for each t, every batch
     if halt:
-        took = torch.cat([n for _, n in per_t[0]]).double()
-        per_t = [[r for r, _ in rs] for rs in per_t]
-    summary = [task.summarize(r) for r in per_t]
-    if halt:
+        took = torch.cat([n for _, n in batches]).double()
         summary = [{**m, "steps_mean": took.mean().item(), "steps_median": took.median().item(),
                     "steps_max": took.max().item()} for m in summary]
     return summary if per_step else summary[0]
