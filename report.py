@@ -420,24 +420,65 @@ def other_test_set(model, cfg, device, steps, **knob):
     return curve
 
 
+# The paper's numbers beside ours (crbp_official_spec.md 6.1-6.2), for runs of its config: the hGRU trained on
+# PF-14. F1 at the trained T (best epoch, 10k test images), F1 at t = 6, 20, 40, and the peak F1 over t on PF-20, PF-25.
+PAPER = {"c-rbp": dict(at_T=0.980, per_step={6: 0.528, 20: 0.986, 40: 0.982}, peak={20: 0.976, 25: 0.889}),
+         "bptt": dict(at_T=0.993, per_step={6: 0.991, 20: 0.245, 40: 0.229}, peak={20: 0.946, 25: 0.781}),
+         "c-bptt": dict(at_T=0.992, per_step={6: 0.988, 20: 0.911, 40: 0.860}, peak={20: 0.990, 25: 0.925}),
+         "rbp": dict(at_T=0.833, per_step={}, peak={})}
+
+
+def paper_numbers(cfg):
+    """The paper's numbers for a run of its Pathfinder config, else an empty dict."""
+    same = cfg.task == "pathfinder" and cfg.model == "hgru" and cfg.length == 14 and cfg.size == 150
+    return PAPER.get(cfg.algo, {}) if same else {}
+
+
 def runs_table(run_dirs):
-    """A markdown table of runs from their committed config.json, metrics.jsonl and report.json: what the README's
-    tables are made from (python report.py --table RUN_DIR ...)."""
-    lines = ["| run | images | held-out checks (images: headline metric / curve metric) | at T | at t = eval steps |",
-             "|---|---|---|---|---|"]
+    """A markdown table of runs from their committed config.json, metrics.jsonl, report.json and
+    state_space.json, with the paper's numbers in brackets where the run is its config: what the README's
+    reproduction table is made from (python report.py --table RUN_DIR ...). Then the KS tests between runs."""
+    lines = ["| run | images | at T | per step t | peak over t, other test sets | drift T → last t (median) "
+             "| held-out checks (images: headline / curve metric) |", "|---|---|---|---|---|---|---|"]
+    short = lambda n: f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
+    ref = lambda value, paper: f"{value:.3f}" + (f" ({paper:.3f})" if paper is not None else "")
+    drifts = {}
     for run in run_dirs:
         cfg, rows = load_config(run), read_metrics(run)
-        task = TASKS[cfg.task]
+        task, paper, name = TASKS[cfg.task], paper_numbers(cfg), os.path.basename(os.path.normpath(run))
         seen = max([r["images"] for r in rows if "loss" in r] or [0])
-        short = lambda n: f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
+        checks, kept = [r for r in rows if "eval" in r and r["images"]], []
+        for r in checks:  # a geometric sample of the checks: each one kept has twice the images of the last kept
+            if r is checks[-1] or not kept or r["images"] >= 2 * kept[-1]["images"]:
+                kept.append(r)
         checks = ", ".join(f"{short(r['images'])}: {r['eval'][task.metric]:.3f} / {r['eval'][task.curve]:.3f}"
-                           for r in rows if "eval" in r and r["images"])
-        done = os.path.isfile(os.path.join(run, "report.json"))
-        rep = json.load(open(os.path.join(run, "report.json"))) if done else {}
-        curve = next(iter(rep.get("per_step", {}).values()), [])
-        at_t = f"{task.curve} {rep['final'][task.curve]:.3f}" if done else "(training)"
-        lines.append(f"| {os.path.basename(os.path.normpath(run))} ({cfg.model} {cfg.algo}, T={cfg.steps}) | "
-                     f"{seen:,} of {cfg.images:,} | {checks} | {at_t} | {f'{curve[-1]:.3f}' if curve else ''} |")
+                           for r in kept)
+        path = os.path.join(run, "report.json")
+        rep = json.load(open(path)) if os.path.isfile(path) else None
+        cells = ["(training)", "", "", ""]
+        if rep:
+            knob = str(getattr(cfg, task.knob))
+            curve = rep["per_step"].get(knob, [])
+            shown = [t for t in paper.get("per_step", {}) if t <= len(curve)] or sorted({1, cfg.steps, len(curve)})
+            cells[0] = f"{task.curve} " + ref(rep["final"][task.curve], paper.get("at_T"))
+            cells[1] = ", ".join(f"{t}: " + ref(curve[t - 1], paper.get("per_step", {}).get(t)) for t in shown)
+            cells[2] = ", ".join(f"{task.knob} {n}: " + ref(max(c), paper.get("peak", {}).get(int(n)))
+                                 + f" at t={c.index(max(c)) + 1}" for n, c in rep["per_step"].items() if n != knob)
+            if rep.get("drift_median") is not None:
+                cells[3] = f"{rep['drift_median']:.3g}"
+        space = os.path.join(run, "state_space.json")
+        if os.path.isfile(space):
+            drifts[f"{name} ({cfg.algo})"] = json.load(open(space))["distance"]
+        lines.append(f"| {name} ({cfg.model} {cfg.algo}, T={cfg.steps}) | {seen:,} of {cfg.images:,} | "
+                     + " | ".join(cells) + f" | {checks} |")
+    if any(paper_numbers(load_config(run)) for run in run_dirs):
+        lines.append("\nIn brackets: the paper's numbers for the same config (F1 at T: its best epoch on 10k images).")
+    names = list(drifts)
+    for i, a in enumerate(names):  # the paper: BPTT vs C-RBP differ (p < 0.05), C-BPTT vs C-RBP do not
+        for b in names[i + 1:]:
+            D, p = ks_2samp(drifts[a], drifts[b])
+            lines.append(f"\nState-space drift, two-sample KS test, {a} vs {b}: D = {D:.3f}, p = {p:.3g} "
+                         f"(n = {len(drifts[a])}, {len(drifts[b])}).")
     return "\n".join(lines)
 
 

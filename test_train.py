@@ -435,12 +435,37 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
     with torch.no_grad():  # halting at once is one step
         assert torch.equal(model(images, steps=5, halt=1e9).logits, model(images, steps=1).logits)
     table = report.runs_table([str(run)]).splitlines()
-    assert len(table) == 3 and table[2].startswith("| r (convgru c-bptt, T=2) | 24 of 24 | 8: ")
-    assert f"| acc {first['final']['acc']:.3f} |" in table[2]
+    acc = first["final"]["acc"]
+    assert len(table) == 3 and table[2].startswith(f"| r (convgru c-bptt, T=2) | 24 of 24 | acc {acc:.3f} |")
+    assert "| 8: " in table[2] and "(0." not in table[2]  # its held-out checks; no paper numbers for this config
     with pytest.raises(SystemExit):
         train.main(["--eval", str(run), "--lr", "0.5"])
     with pytest.raises(ValueError, match="neither model.pt nor checkpoint.pt"):
         models.load(str(tmp_path))
+
+
+def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(tmp_path):
+    cfg = dict(task="pathfinder", model="hgru", length=14, size=150, steps=6, images=400_000)
+    for algo, drift in (("bptt", [5.0, 6.0, 7.0, 8.0] * 4), ("c-rbp", [0.1, 0.2, 0.3, 0.4] * 4)):
+        run = tmp_path / algo
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({**cfg, "algo": algo}))
+        rows = [{"images": n, "loss": 0.1} for n in (100_000, 400_000)]
+        rows += [{"images": n, "eval": {"bal_acc": n / 1e6, "f1": n / 2e6}} for n in range(100_000, 400_001, 100_000)]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        curve = [t / 40 for t in range(1, 41)]
+        per_step = {"14": curve, "20": curve[:10] + [0.0] * 30}
+        (run / "report.json").write_text(json.dumps({"final": {"f1": 0.5}, "per_step": per_step, "drift_median": 6.5}))
+        (run / "state_space.json").write_text(json.dumps({"distance": drift}))
+    lines = report.runs_table([str(tmp_path / "bptt"), str(tmp_path / "c-rbp")]).splitlines()
+    bptt = lines[2]
+    assert bptt.startswith("| bptt (hgru bptt, T=6) | 400,000 of 400,000 | f1 0.500 (0.993) | 6: 0.150 (0.991), ")
+    assert "40: 1.000 (0.229) | length 20: 0.250 (0.946) at t=10 | 6.5 |" in bptt
+    assert bptt.endswith("| 100k: 0.100 / 0.050, 200k: 0.200 / 0.100, 400k: 0.400 / 0.200 |")  # 300k left out
+    assert "f1 0.500 (0.980)" in lines[3]
+    ks = lines[-1]  # disjoint samples of 16: D = 1, and p far below 0.05
+    assert ks.startswith("State-space drift, two-sample KS test, bptt (bptt) vs c-rbp (c-rbp): D = 1.000, p = ")
+    assert float(ks.split("p = ")[1].split(" ")[0]) < 1e-4
 
 
 def test_held_out_checks_print_on_their_own_lines(tmp_path, capsys, monkeypatch):
