@@ -189,19 +189,26 @@ def mix_bench(device, warmup, repeats):
     size = tuple(fastpath.fft_size(n, 7) for n in x.shape[-2:])
     w_hat = fastpath.kernel_spectrum(torch.randn(25, 25, 15, 15, device=device), size)
     X = torch.fft.rfft2(x, s=size)
-    rows = [("mix: permute + matmul (+ the copy irfft2 makes)",
-             lambda: (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous())]
-    for bb, bf, nw in ((32, 8, 8), (32, 4, 4), (32, 16, 8), (16, 8, 4), (16, 16, 8), (8, 16, 4), (8, 32, 8)):
-        rows.append((f"mix: triton, batch block {bb}, frequency block {bf}, {nw} warps",
-                     lambda bb=bb, bf=bf, nw=nw: fastpath.mix(X, w_hat, bb, bf, nw)))
-    err = (fastpath.mix(X, w_hat) - rows[0][1]()).abs().max() / X.abs().max()
+    matmul = lambda: (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous()  # noqa: E731
+    rows, ref = [("mix: permute + matmul (+ the copy irfft2 makes)", matmul)], matmul()
+    for bf, bb, prec, nw in ((4, 32, "ieee", 4), (2, 32, "ieee", 4), (8, 32, "ieee", 4), (8, 32, "ieee", 8),
+                             (4, 16, "ieee", 4), (4, 32, "tf32x3", 4), (8, 32, "tf32x3", 4), (16, 32, "tf32x3", 8)):
+        fn = lambda bf=bf, bb=bb, prec=prec, nw=nw: fastpath.mix(X, w_hat, bf, bb, prec, nw)  # noqa: E731
+        err = (fn() - ref).abs().max() / ref.abs().max()
+        rows.append((f"mix: triton, {bf} freqs x batch {bb}, {prec}, {nw} warps (error {err:.0e})", fn))
+    Y, w = ref.contiguous(), torch.randn(25, 25, 15, 15, device=device)
+    rows += [("parts of fft_conv's floor: rfft2 of x (zero-padded)", lambda: torch.fft.rfft2(x, s=size)),
+             ("  irfft2 of a contiguous spectrum (with its copy: c2r overwrites its input)",
+              lambda: torch.fft.irfft2(Y, s=size)),
+             ("  one pass over a state tensor (copy)", lambda: x.clone()),
+             ("F.conv2d, 15 x 15 (cuDNN)", lambda: torch.nn.functional.conv2d(x, w, padding=7))]
     for mode in ("matmul", "triton"):
         rows.append((f"fft_conv, MIX={mode}", lambda mode=mode: (setattr(fastpath, "MIX", mode),
                                                                 fastpath.fft_conv(x, w_hat, size))))
-    print(f"\nthe channel mix at 32 x 25 x {size[0]} x {size[1] // 2 + 1} frequencies (triton vs matmul: max error "
-          f"{err.item():.1e} of max |X|); ms per call")
+    print(f"\nthe channel mix at 32 x 25 x {size[0]} x {size[1] // 2 + 1} frequencies (error: max |triton - matmul| "
+          "/ max |matmul|); ms per call")
     for name, fn in rows:
-        print(f"  {name:<62}{cuda_ms(fn, warmup, repeats):9.3f}", flush=True)
+        print(f"  {name:<72}{cuda_ms(fn, warmup, repeats):9.3f}", flush=True)
     fastpath.MIX = "matmul"
 
 

@@ -125,50 +125,57 @@ def _fft_correlate(x, w_hat, size):
 
 
 @torch.compiler.disable  # a kernel launch of its own: compiled code around it runs as before
-def mix(X, w_hat, block_b=32, block_f=8, num_warps=8):
+def mix(X, w_hat, block_f=4, block_b=32, precision="ieee", num_warps=4):
     """Y[b, o, f] = sum_c X[b, c, f] W^[f, c, o] by one Triton kernel: X (B x C x n x m', complex64, as rfft2
-    returns it), w_hat (n x m' x C x O, any strides, possibly a conjugate view: kernel_spectrum's layout or
-    the adjoint's W^H view) -> B x O x n x m'. The batch and a tile of frequencies per program, W^ read once."""
+    returns it), w_hat (n x m' x C x O with the last two dims contiguous or transposed, possibly a conjugate
+    view: kernel_spectrum's layout or the adjoint's W^H view) -> B x O x n x m', the layout irfft2 reads.
+    Each program multiplies a block of frequencies as a batch of (B x C) @ (C x O) real matrix products
+    (tl.dot on 3-d blocks; precision "ieee" is fp32 FMA, "tf32x3" tensor cores at about fp32 accuracy)."""
     if triton is None:
         raise RuntimeError("fastpath.mix needs triton (pip install triton, or a CUDA build of torch)")
     B, C, n, m = X.shape
     conj = w_hat.is_conj()
-    w = w_hat.conj() if conj else w_hat  # the same memory, read with the imaginary part negated
-    w = w.flatten(0, 1)  # F x C x O, a view for both layouts
+    w = (w_hat.conj() if conj else w_hat).flatten(0, 1)  # F x C x O: the same memory, a view in both layouts
     O, Xc, Y = w.shape[-1], X.contiguous(), X.new_empty(B, w.shape[-1], n, m)
     xr, wr, yr = (torch.view_as_real(t) for t in (Xc, w, Y))
-    bb = min(block_b, triton.next_power_of_2(B))
-    grid = (triton.cdiv(n * m, block_f), triton.cdiv(B, bb))
-    _mix_kernel[grid](xr, wr, yr, B, C, O, n * m, *wr.stride()[:3], CONJ=conj, BB=bb,
-                      BO=triton.next_power_of_2(O), BF=block_f, num_warps=num_warps)
+    bb = min(block_b, max(16, triton.next_power_of_2(B)))  # tl.dot wants every matrix dimension >= 16
+    bc, bo = (min(64, max(16, triton.next_power_of_2(k))) for k in (C, O))
+    grid = (triton.cdiv(n * m, block_f), triton.cdiv(B, bb), triton.cdiv(O, bo))
+    _mix_kernel[grid](xr, wr, yr, B, C, O, n * m, *wr.stride()[:3], CONJ=conj, BF=block_f, BB=bb, BC=bc, BO=bo,
+                      PRECISION=precision, num_warps=num_warps)
     return Y
 
 
 if triton is not None:
     @triton.jit
-    def _mix_kernel(x_ptr, w_ptr, y_ptr, B, C, O, F, swf, swc, swo, CONJ: tl.constexpr, BB: tl.constexpr,
-                    BO: tl.constexpr, BF: tl.constexpr):
+    def _mix_kernel(x_ptr, w_ptr, y_ptr, B, C, O, F, swf, swc, swo, CONJ: tl.constexpr, BF: tl.constexpr,
+                    BB: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr):
         # floats: X (B, C, F, 2) contiguous, W (F, C, O, 2) with strides (swf, swc, swo, 1), Y (B, O, F, 2)
-        f = tl.program_id(0) * BF + tl.arange(0, BF)
-        b = tl.program_id(1) * BB + tl.arange(0, BB)
-        o = tl.arange(0, BO)
-        x_mask = (b[:, None] < B) & (f[None, :] < F)
-        w_mask = (o[:, None] < O) & (f[None, :] < F)
-        acc_r = tl.zeros((BB, BO, BF), dtype=tl.float32)
-        acc_i = tl.zeros((BB, BO, BF), dtype=tl.float32)
-        for c in range(C):
-            x_off = ((b[:, None] * C + c) * F + f[None, :]) * 2  # (BB, BF)
-            x_re = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)[:, None, :]
-            x_im = tl.load(x_ptr + x_off + 1, mask=x_mask, other=0.0)[:, None, :]
-            w_off = f[None, :] * swf + c * swc + o[:, None] * swo  # (BO, BF)
-            w_re = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)[None, :, :]
-            w_im = tl.load(w_ptr + w_off + 1, mask=w_mask, other=0.0)[None, :, :]
+        f = (tl.program_id(0) * BF + tl.arange(0, BF))[:, None, None]  # (BF, 1, 1)
+        b = (tl.program_id(1) * BB + tl.arange(0, BB))[None, :, None]  # (1, BB, 1)
+        o = (tl.program_id(2) * BO + tl.arange(0, BO))[None, None, :]  # (1, 1, BO)
+        acc_r = tl.zeros((BF, BB, BO), dtype=tl.float32)
+        acc_i = tl.zeros((BF, BB, BO), dtype=tl.float32)
+        for c0 in range(0, C, BC):
+            cx = c0 + tl.arange(0, BC)[None, None, :]  # X's columns (BF, BB, BC)
+            cw = c0 + tl.arange(0, BC)[None, :, None]  # W's rows (BF, BC, BO)
+            x_off = ((b * C + cx) * F + f) * 2
+            x_mask = (f < F) & (b < B) & (cx < C)
+            x_re = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
+            x_im = tl.load(x_ptr + x_off + 1, mask=x_mask, other=0.0)
+            w_off = f * swf + cw * swc + o * swo
+            w_mask = (f < F) & (cw < C) & (o < O)
+            w_re = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
+            w_im = tl.load(w_ptr + w_off + 1, mask=w_mask, other=0.0)
             if CONJ:
                 w_im = -w_im
-            acc_r += x_re * w_re - x_im * w_im
-            acc_i += x_re * w_im + x_im * w_re
-        y_off = ((b[:, None, None] * O + o[None, :, None]) * F + f[None, None, :]) * 2
-        y_mask = (b[:, None, None] < B) & (o[None, :, None] < O) & (f[None, None, :] < F)
+            #   (X_re + i X_im)(W_re + i W_im) = (X_re W_re - X_im W_im) + i (X_re W_im + X_im W_re)
+            acc_r = tl.dot(x_re, w_re, acc_r, input_precision=PRECISION)
+            acc_r = tl.dot(-x_im, w_im, acc_r, input_precision=PRECISION)
+            acc_i = tl.dot(x_re, w_im, acc_i, input_precision=PRECISION)
+            acc_i = tl.dot(x_im, w_re, acc_i, input_precision=PRECISION)
+        y_off = ((b * O + o) * F + f) * 2
+        y_mask = (f < F) & (b < B) & (o < O)
         tl.store(y_ptr + y_off, acc_r, mask=y_mask)
         tl.store(y_ptr + y_off + 1, acc_i, mask=y_mask)
 
@@ -306,4 +313,18 @@ def compile(fn, **options):
     import torch._functorch.config as aot_config
     if hasattr(aot_config, "donated_buffer"):
         aot_config.donated_buffer = False
-    return torch.compile(fn, **{"dynamic": False, **options})
+    compiled = torch.compile(fn, **{"dynamic": False, **options})
+    if options.get("mode") not in ("reduce-overhead", "max-autotune"):
+        return compiled
+
+    # Under CUDA graphs a call's outputs live in the graph's memory and the next replay overwrites them, but
+    # crbp.run keeps h_{t-1} beside h_t and StepVJP keeps the Jacobian factors: each call's outputs are
+    # copied out (one pass over each output, small beside a step's two FFT convolutions).
+    def graphed(*args, **kwargs):
+        out = compiled(*args, **kwargs)
+        return out.clone() if isinstance(out, torch.Tensor) else torch.utils._pytree.tree_map(_clone, out)
+    return graphed
+
+
+def _clone(t):
+    return t.clone() if isinstance(t, torch.Tensor) else t

@@ -63,8 +63,9 @@ def tick_label(v, step):
     return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.2g}"
 
 
-def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 320)):
-    """series: {name: (xs, ys)}. Lines (or points) on shared axes with round ticks, and a legend.
+def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 320), colors=None):
+    """series: {name: (xs, ys)}. Lines on shared axes with round ticks, and a legend; points=True draws every
+    series as points, a set of names only those (as dots); colors: {name: index}, so that series share one.
 
     The left margin grows with the longest y tick label, so no tick text is cut off; non-finite values
     are skipped."""
@@ -92,12 +93,14 @@ def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 32
         out.append(f'<path d="M{left - 4} {sy(v):.1f}h4" stroke="black"/>')
         out.append(f'<text x="{left - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{label}</text>')
     out.append(f'<path d="M{left} {top}V{H - bottom}H{W - right}" stroke="black" fill="none"/>')
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
     for i, (name, (sxs, sys_)) in enumerate(series.items()):
-        c = colors[i % len(colors)]
+        c = palette[(colors or {}).get(name, i) % len(palette)]
         pts = [(sx(x), sy(y)) for x, y in zip(sxs, sys_) if math.isfinite(y)]
-        if points:
+        if points is True:
             out += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="1.5" fill="{c}" fill-opacity="0.5"/>' for px, py in pts]
+        elif points and name in points:
+            out += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{c}"/>' for px, py in pts]
         elif pts:
             xy = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
             out.append(f'<polyline points="{xy}" stroke="{c}" fill="none"/>')

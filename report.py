@@ -439,7 +439,8 @@ def runs_table(run_dirs):
     state_space.json, with the paper's numbers in brackets where the run is its config: what the README's
     reproduction table is made from (python report.py --table RUN_DIR ...). Then the KS tests between runs."""
     lines = ["| run | images | at T | per step t | peak over t, other test sets | drift T → last t (median) "
-             "| held-out checks (images: headline / curve metric) |", "|---|---|---|---|---|---|---|"]
+             "| held-out checks (images (training wall time): headline / curve metric) |",
+             "|---|---|---|---|---|---|---|"]
     short = lambda n: f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
     ref = lambda value, paper: f"{value:.3f}" + (f" ({paper:.3f})" if paper is not None else "")
     drifts = {}
@@ -451,8 +452,8 @@ def runs_table(run_dirs):
         for r in checks:  # a geometric sample of the checks: each one kept has twice the images of the last kept
             if r is checks[-1] or not kept or r["images"] >= 2 * kept[-1]["images"]:
                 kept.append(r)
-        checks = ", ".join(f"{short(r['images'])}: {r['eval'][task.metric]:.3f} / {r['eval'][task.curve]:.3f}"
-                           for r in kept)
+        checks = ", ".join(f"{short(r['images'])}" + (f" ({r['minutes']:.0f} min)" if "minutes" in r else "")
+                           + f": {r['eval'][task.metric]:.3f} / {r['eval'][task.curve]:.3f}" for r in kept)
         path = os.path.join(run, "report.json")
         rep = json.load(open(path)) if os.path.isfile(path) else None
         cells = ["(training)", "", "", ""]
@@ -482,7 +483,30 @@ def runs_table(run_dirs):
     return "\n".join(lines)
 
 
+def runs_figure(run_dirs, path):
+    """The per-step curves of finished runs on their training test set in one SVG (the paper's Fig. 2c in
+    spirit), with the paper's numbers at t = 6, 20, 40 as dots in the run's colour where it has them."""
+    series, dots, colors = {}, set(), {}
+    for i, run in enumerate(run_dirs):
+        cfg, rep_path = load_config(run), os.path.join(run, "report.json")
+        if not os.path.isfile(rep_path):
+            raise ValueError(f"{run} has no report.json yet: finish the run, or draw it with train.py --report {run}")
+        task, paper = TASKS[cfg.task], paper_numbers(cfg)
+        curve = json.load(open(rep_path))["per_step"][str(getattr(cfg, task.knob))]
+        name = f"{cfg.algo}, T={cfg.steps}"
+        series[name], colors[name] = (list(range(1, len(curve) + 1)), curve), i
+        if paper.get("per_step"):
+            series[f"{name}: paper"], colors[f"{name}: paper"] = tuple(map(list, zip(*paper["per_step"].items()))), i
+            dots.add(f"{name}: paper")
+    figures.svg_plot(path, series, "step t", task.curve, f"{task.curve} after t steps: ours (lines), the paper (dots)",
+                     points=dots, colors=colors)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Tables of trained runs, from their run directories")
     ap.add_argument("--table", nargs="+", metavar="RUN_DIR", required=True, help="run directories (results/pf14-*)")
-    print(runs_table(ap.parse_args().table))
+    ap.add_argument("--figure", metavar="SVG", help="also draw the finished runs' per-step curves in one figure")
+    args = ap.parse_args()
+    print(runs_table(args.table))
+    if args.figure:
+        runs_figure([run for run in args.table if os.path.isfile(os.path.join(run, "report.json"))], args.figure)

@@ -174,15 +174,16 @@ def test_fast_model_equals_plain_model(algo):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("algo", ["c-rbp", "bptt"])
-def test_cuda_compiled_fast_path_matches_the_plain_path(algo):
+@pytest.mark.parametrize("algo,mode", [("c-rbp", None), ("bptt", None), ("c-rbp", "reduce-overhead")])
+def test_cuda_compiled_fast_path_matches_the_plain_path(algo, mode):
+    """The fast path's gradient against the plain path's; with mode="reduce-overhead" under CUDA graphs."""
     dev, grads, tf32 = torch.device("cuda"), [], torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # the reference in true float32
     for fast in (False, True):
         torch.manual_seed(0)
         model = models.build("hgru", conv="fft" if fast else "direct").to(dev)
         if fast:
-            model.compile_cell()
+            model.compile_cell(**({"mode": mode} if mode else {}))
         x = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0)).to(dev)
         out = model(x, steps=8, algo=algo, mu=0.0)
         loss = out.logits.square().mean() + 10 * out.penalty
@@ -247,7 +248,7 @@ import torch, fastpath
 interpret = fastpath._INTERPRET
 device = "cpu" if interpret or not torch.cuda.is_available() else "cuda"
 torch.manual_seed(0)
-for B, C, O in ((3, 4, 5), (33, 25, 25)):  # a batch above the kernel's batch block, the hGRU's 25 channels
+for B, C, O in ((3, 4, 5), (33, 25, 25), (2, 70, 66)):  # batch, channels above the kernel's blocks
     x = torch.randn(B, C, 9, 11, device=device, requires_grad=True)
     w = torch.randn(O, C, 5, 5, device=device, requires_grad=True)
     size = tuple(fastpath.fft_size(n, 2) for n in x.shape[-2:])

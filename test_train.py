@@ -224,6 +224,8 @@ def test_resume_in_pieces_equals_one_uninterrupted_run(tmp_path, whole):
     assert any(not torch.equal(a["model"][k], mid["model"][k]) for k in a["model"])
     rows = lambda run: [(r["images"], sorted(r)) for r in report.read_metrics(run)]
     assert rows(whole) == rows(tmp_path / "pieces")
+    clock = [r["minutes"] for r in report.read_metrics(tmp_path / "pieces") if "minutes" in r]
+    assert len(clock) >= 2 and clock == sorted(clock) and b["minutes"] >= mid["minutes"] > 0  # over both pieces
 
 
 def test_resume_trims_rows_logged_after_the_checkpoint(tmp_path, whole):
@@ -437,7 +439,7 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
     table = report.runs_table([str(run)]).splitlines()
     acc = first["final"]["acc"]
     assert len(table) == 3 and table[2].startswith(f"| r (convgru c-bptt, T=2) | 24 of 24 | acc {acc:.3f} |")
-    assert "| 8: " in table[2] and "(0." not in table[2]  # its held-out checks; no paper numbers for this config
+    assert "| 8 (0 min): " in table[2] and "(0." not in table[2]  # its held-out checks; no paper numbers here
     with pytest.raises(SystemExit):
         train.main(["--eval", str(run), "--lr", "0.5"])
     with pytest.raises(ValueError, match="neither model.pt nor checkpoint.pt"):
@@ -451,7 +453,8 @@ def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(
         run.mkdir()
         (run / "config.json").write_text(json.dumps({**cfg, "algo": algo}))
         rows = [{"images": n, "loss": 0.1} for n in (100_000, 400_000)]
-        rows += [{"images": n, "eval": {"bal_acc": n / 1e6, "f1": n / 2e6}} for n in range(100_000, 400_001, 100_000)]
+        rows += [{"images": n, "minutes": n / 1e4, "eval": {"bal_acc": n / 1e6, "f1": n / 2e6}}
+                 for n in range(100_000, 400_001, 100_000)]
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
         curve = [t / 40 for t in range(1, 41)]
         per_step = {"14": curve, "20": curve[:10] + [0.0] * 30}
@@ -461,11 +464,16 @@ def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(
     bptt = lines[2]
     assert bptt.startswith("| bptt (hgru bptt, T=6) | 400,000 of 400,000 | f1 0.500 (0.993) | 6: 0.150 (0.991), ")
     assert "40: 1.000 (0.229) | length 20: 0.250 (0.946) at t=10 | 6.5 |" in bptt
-    assert bptt.endswith("| 100k: 0.100 / 0.050, 200k: 0.200 / 0.100, 400k: 0.400 / 0.200 |")  # 300k left out
+    assert bptt.endswith("| 100k (10 min): 0.100 / 0.050, 200k (20 min): 0.200 / 0.100, 400k (40 min): 0.400 / 0.200 |")
     assert "f1 0.500 (0.980)" in lines[3]
     ks = lines[-1]  # disjoint samples of 16: D = 1, and p far below 0.05
     assert ks.startswith("State-space drift, two-sample KS test, bptt (bptt) vs c-rbp (c-rbp): D = 1.000, p = ")
     assert float(ks.split("p = ")[1].split(" ")[0]) < 1e-4
+    report.runs_figure([str(tmp_path / "bptt"), str(tmp_path / "c-rbp")], tmp_path / "f.svg")
+    svg = ET.parse(tmp_path / "f.svg").getroot()
+    shapes = lambda tag: [e for e in svg.iter() if e.tag.endswith(tag)]
+    assert len(shapes("polyline")) == 2 and len(shapes("circle")) == 6  # two curves, the paper's t = 6, 20, 40
+    assert {e.get("fill") for e in shapes("circle")} == {e.get("stroke") for e in shapes("polyline")}  # per run
 
 
 def test_held_out_checks_print_on_their_own_lines(tmp_path, capsys, monkeypatch):

@@ -187,7 +187,7 @@ def train(args, device, rank=0, world=1):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    iters, start = math.ceil(args.images / args.batch_size), 0
+    iters, start, minutes0 = math.ceil(args.images / args.batch_size), 0, 0.0  # minutes0: earlier pieces' wall time
     if args.resume:
         try:
             ck = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location="cpu", weights_only=True)
@@ -195,7 +195,7 @@ def train(args, device, rank=0, world=1):
             raise SystemExit(f"--resume {args.out}: checkpoint.pt cannot be read ({type(e).__name__}: {e})") from None
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        start = ck["iteration"]
+        start, minutes0 = ck["iteration"], ck.get("minutes", 0.0)
         torch.set_rng_state(ck["rng"])
         if device.type == "cuda" and ck.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ck["cuda_rng"], device)
@@ -223,7 +223,7 @@ def train(args, device, rank=0, world=1):
 
     def checkpoint(it):
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,  # of global batches
-                 "images": it * args.batch_size, "world": world,
+                 "images": it * args.batch_size, "world": world, "minutes": minutes(),
                  "rng": torch.get_rng_state(), "build": model.build_config,
                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         path = os.path.join(args.out, "checkpoint.pt")
@@ -233,6 +233,9 @@ def train(args, device, rank=0, world=1):
             progress.close()
             raise SystemExit(f"could not write {path} ({e}); the previous checkpoint is kept. Free some space, "
                              f"then continue with: python train.py --resume {args.out}") from None
+
+    def minutes():  # wall time of the run's training so far, over all its pieces, held-out checks included
+        return minutes0 + (time.time() - t0) / 60
 
     def held_out(n_images):
         quick = report.evaluate(model, args, device, args.steps, n_images)
@@ -314,7 +317,7 @@ def train(args, device, rank=0, world=1):
                 next_eval += args.eval_every
                 quick, text = held_out(min(256, args.eval_images))  # under torchrun: split over the ranks
                 if main_rank:
-                    log_jsonl(args.out, {"images": seen, "eval": quick})
+                    log_jsonl(args.out, {"images": seen, "minutes": round(minutes(), 2), "eval": quick})
                     progress.note(f"held-out check at {seen:,} images: {text}")
                     checkpoint(it)
             if (asked() if stop is None else stop) or (args.until and seen >= args.until):
