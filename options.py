@@ -30,8 +30,8 @@ PRESETS = {
 }
 # The paper's PF-14 rows (make reproduce): 1.2 M images each (the paper's C-RBP: ~1.15 M to its best F1), batch
 # 32, cosine lr, the fast path; trained in pieces (--until-minutes, then --resume) into results/
-_PF14 = dict(task="pathfinder", length=14, model="hgru", batch_size=32, lr=1e-3, images=1_200_000, eval_images=2048,
-             eval_every=100_000, eval_steps=40, fast=True)
+_PF14 = dict(task="pathfinder", length=14, model="hgru", batch_size=32, lr=1e-3, images=1_200_000, eval_images=10_000,
+             eval_lengths=[20, 25], eval_every=100_000, eval_steps=40, fast=True)  # final report: 10k images, PF-20/25
 REPRODUCE = {"pf14-crbp": dict(algo="c-rbp", steps=20, neumann_steps=15, mu=0.9, penalty_weight=10.0),
              "pf14-bptt": dict(algo="bptt", steps=6), "pf14-cbptt": dict(algo="c-bptt", steps=6, penalty_weight=10.0)}
 PRESETS.update({name: {**_PF14, **run, "out": f"results/{name}"} for name, run in REPRODUCE.items()})
