@@ -125,12 +125,14 @@ def _fft_correlate(x, w_hat, size):
 
 
 @torch.compiler.disable  # a kernel launch of its own: compiled code around it runs as before
-def mix(X, w_hat, block_f=4, block_b=32, precision="ieee", num_warps=4):
+def mix(X, w_hat, block_f=4, block_b=32, precision="ieee", num_warps=4, pairs=False):
     """Y[b, o, f] = sum_c X[b, c, f] W^[f, c, o] by one Triton kernel: X (B x C x n x m', complex64, as rfft2
     returns it), w_hat (n x m' x C x O with the last two dims contiguous or transposed, possibly a conjugate
     view: kernel_spectrum's layout or the adjoint's W^H view) -> B x O x n x m', the layout irfft2 reads.
     Each program multiplies a block of frequencies as a batch of (B x C) @ (C x O) real matrix products
-    (tl.dot on 3-d blocks; precision "ieee" is fp32 FMA, "tf32x3" tensor cores at about fp32 accuracy)."""
+    (tl.dot on 3-d blocks; precision "ieee" is fp32 FMA, "tf32x3" tensor cores at about fp32 accuracy).
+    pairs=True reads X and writes Y as contiguous rows of (re, im) pairs and splits them in registers,
+    instead of loading the real and imaginary parts as two strided reads."""
     if triton is None:
         raise RuntimeError("fastpath.mix needs triton (pip install triton, or a CUDA build of torch)")
     B, C, n, m = X.shape
@@ -142,14 +144,15 @@ def mix(X, w_hat, block_f=4, block_b=32, precision="ieee", num_warps=4):
     bc, bo = (min(64, max(16, triton.next_power_of_2(k))) for k in (C, O))
     grid = (triton.cdiv(n * m, block_f), triton.cdiv(B, bb), triton.cdiv(O, bo))
     _mix_kernel[grid](xr, wr, yr, B, C, O, n * m, *wr.stride()[:3], CONJ=conj, BF=block_f, BB=bb, BC=bc, BO=bo,
-                      PRECISION=precision, num_warps=num_warps)
+                      PRECISION=precision, PAIRS=pairs, num_warps=num_warps)
     return Y
 
 
 if triton is not None:
     @triton.jit
     def _mix_kernel(x_ptr, w_ptr, y_ptr, B, C, O, F, swf, swc, swo, CONJ: tl.constexpr, BF: tl.constexpr,
-                    BB: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr):
+                    BB: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr,
+                    PAIRS: tl.constexpr):
         # floats: X (B, C, F, 2) contiguous, W (F, C, O, 2) with strides (swf, swc, swo, 1), Y (B, O, F, 2)
         f = (tl.program_id(0) * BF + tl.arange(0, BF))[:, None, None]  # (BF, 1, 1)
         b = (tl.program_id(1) * BB + tl.arange(0, BB))[None, :, None]  # (1, BB, 1)
@@ -159,10 +162,19 @@ if triton is not None:
         for c0 in range(0, C, BC):
             cx = c0 + tl.arange(0, BC)[None, None, :]  # X's columns (BF, BB, BC)
             cw = c0 + tl.arange(0, BC)[None, :, None]  # W's rows (BF, BC, BO)
-            x_off = ((b * C + cx) * F + f) * 2
-            x_mask = (f < F) & (b < B) & (cx < C)
-            x_re = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
-            x_im = tl.load(x_ptr + x_off + 1, mask=x_mask, other=0.0)
+            if PAIRS:  # rows of BF (re, im) pairs, (BB, BC, 2 BF), split and moved to (BF, BB, BC)
+                k = tl.arange(0, 2 * BF)[None, None, :]
+                row_b, row_c = b.reshape(BB, 1, 1), cx.reshape(1, BC, 1)
+                rows = ((row_b * C + row_c) * F + tl.program_id(0) * BF) * 2 + k
+                row_mask = (row_b < B) & (row_c < C) & (tl.program_id(0) * BF + k // 2 < F)
+                pair = tl.load(x_ptr + rows, mask=row_mask, other=0.0).reshape(BB, BC, BF, 2)
+                x_re, x_im = tl.split(pair)
+                x_re, x_im = tl.permute(x_re, (2, 0, 1)), tl.permute(x_im, (2, 0, 1))
+            else:
+                x_off = ((b * C + cx) * F + f) * 2
+                x_mask = (f < F) & (b < B) & (cx < C)
+                x_re = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
+                x_im = tl.load(x_ptr + x_off + 1, mask=x_mask, other=0.0)
             w_off = f * swf + cw * swc + o * swo
             w_mask = (f < F) & (cw < C) & (o < O)
             w_re = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
@@ -174,10 +186,18 @@ if triton is not None:
             acc_r = tl.dot(-x_im, w_im, acc_r, input_precision=PRECISION)
             acc_i = tl.dot(x_re, w_im, acc_i, input_precision=PRECISION)
             acc_i = tl.dot(x_im, w_re, acc_i, input_precision=PRECISION)
-        y_off = ((b * O + o) * F + f) * 2
-        y_mask = (f < F) & (b < B) & (o < O)
-        tl.store(y_ptr + y_off, acc_r, mask=y_mask)
-        tl.store(y_ptr + y_off + 1, acc_i, mask=y_mask)
+        if PAIRS:  # (BF, BB, BO) -> rows of (re, im) pairs (BB, BO, 2 BF)
+            k = tl.arange(0, 2 * BF)[None, None, :]
+            row_b, row_o = b.reshape(BB, 1, 1), o.reshape(1, BO, 1)
+            rows = ((row_b * O + row_o) * F + tl.program_id(0) * BF) * 2 + k
+            row_mask = (row_b < B) & (row_o < O) & (tl.program_id(0) * BF + k // 2 < F)
+            pair = tl.join(tl.permute(acc_r, (1, 2, 0)), tl.permute(acc_i, (1, 2, 0)))  # (BB, BO, BF, 2)
+            tl.store(y_ptr + rows, pair.reshape(BB, BO, 2 * BF), mask=row_mask)
+        else:
+            y_off = ((b * O + o) * F + f) * 2
+            y_mask = (f < F) & (b < B) & (o < O)
+            tl.store(y_ptr + y_off, acc_r, mask=y_mask)
+            tl.store(y_ptr + y_off + 1, acc_i, mask=y_mask)
 
 
 class Spectra(NamedTuple):

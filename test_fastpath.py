@@ -259,6 +259,13 @@ for B, C, O in ((3, 4, 5), (33, 25, 25), (2, 70, 66)):  # batch, channels above 
         out.append((y, *torch.autograd.grad((y * y).sum(), (x, w))))
     for a, b in zip(*out):
         assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5, ((a - b).abs().max(), a.abs().max())
+    X, w_hat = torch.fft.rfft2(x.detach(), s=size), fastpath.kernel_spectrum(w.detach(), size)
+    for v in (w_hat, w_hat.conj().transpose(-1, -2)):  # the kernel's spectrum, and the adjoint's view of it
+        X = X if v is w_hat else torch.fft.rfft2(torch.randn(B, O, 9, 11, device=device), s=size)
+        ref = (X.permute(2, 3, 0, 1) @ v.resolve_conj()).permute(2, 3, 0, 1)
+        for args in ((4, 32, "ieee", 4, False), (8, 16, "ieee", 4, True), (2, 32, "tf32x3", 4, True)):
+            got = fastpath.mix(X, v, *args)
+            assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5, args
 print("ok")
 """
 
