@@ -3,7 +3,7 @@ PYTHON ?= python3
 # locally. On a GPU box, install the CUDA build of your choice first; deps then installs nothing.
 TORCH ?= torch==2.13.0
 
-.PHONY: test test-fast deps pathfinder reproduce bench panoptic clean
+.PHONY: test test-fast deps pathfinder reproduce extrapolate bench panoptic clean
 
 # Every test, the slow ones (overfitting, the full model x task dry-run matrix) included.
 test: deps
@@ -17,16 +17,26 @@ test-fast: deps
 pathfinder:
 	$(PYTHON) train.py --preset pathfinder
 
-# The paper's PF-14 rows (C-RBP T=20, BPTT T=6, C-BPTT T=6; one GPU) into results/, in pieces: each call trains
-# every unfinished run for MINUTES more and resumes where the last call stopped. The final report: 10,000 held-out
-# images, and the PF-14 model also on PF-20 and PF-25 (runs started before the presets said so get it on resume).
+# Train each named preset run (options.py) into results/<run> for MINUTES more, resuming where the last call
+# stopped; finished runs are skipped. $(2): options for the resumed pieces.
 MINUTES ?= 20
-reproduce:
-	for r in pf14-crbp pf14-bptt pf14-cbptt; do \
+define train-pieces
+	for r in $(1); do \
 	  if [ -f results/$$r/model.pt ]; then echo "results/$$r is finished"; \
-	  elif [ -f results/$$r/checkpoint.pt ]; then $(PYTHON) train.py --resume results/$$r --until-minutes $(MINUTES) \
-	    --eval-images 10000 --eval-lengths 20 25; \
+	  elif [ -f results/$$r/checkpoint.pt ]; then \
+	    $(PYTHON) train.py --resume results/$$r --until-minutes $(MINUTES) $(2); \
 	  else $(PYTHON) train.py --preset $$r --until-minutes $(MINUTES); fi || exit 1; done
+endef
+
+# The C-RBP paper's PF-14 rows (C-RBP T=20, BPTT T=6, C-BPTT T=6; one GPU). The final report: 10,000 held-out
+# images, and the PF-14 model also on PF-20 and PF-25 (runs started before the presets said so get it on resume).
+reproduce:
+	$(call train-pieces,pf14-crbp pf14-bptt pf14-cbptt,--eval-images 10000 --eval-lengths 20 25)
+
+# The LocRNN paper's runs (one GPU): LocRNN, ConvGRU, R-ResNet-36, ResNet-36 on medium mazes, tested on small,
+# medium and large at t = 1..3T; LocRNN with the LCP (c-bptt); LocRNN on PF-14 cls, tested on PF-9 and PF-18.
+extrapolate:
+	$(call train-pieces,mazes-locrnn mazes-convgru mazes-rresnet mazes-resnet mazes-locrnn-cbptt pfcls-locrnn,)
 
 # Start afresh: remove the preset run directories (other runs stay) and Python's caches.
 clean:

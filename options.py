@@ -34,7 +34,21 @@ _PF14 = dict(task="pathfinder", length=14, model="hgru", batch_size=32, lr=1e-3,
              eval_lengths=[20, 25], eval_every=100_000, eval_steps=40, fast=True)  # final report: 10k images, PF-20/25
 REPRODUCE = {"pf14-crbp": dict(algo="c-rbp", steps=20, neumann_steps=15, mu=0.9, penalty_weight=10.0),
              "pf14-bptt": dict(algo="bptt", steps=6), "pf14-cbptt": dict(algo="c-bptt", steps=6, penalty_weight=10.0)}
+# The LocRNN paper's runs (make extrapolate): medium (11 x 11) mazes, batch 256, 50 epochs of 50k mazes, warmup
+# over 5 epochs then decay (the paper's was a step decay; cosine here), T = 15 (R-ResNet-36: 8 iterations);
+# tested on the 10k-maze test sets of small, medium and large at t = 1..3T. PF-14 cls: LocRNN at T = 12, Adam
+# 1e-4, batch 256, one epoch of 700k images (the paper: "often solves PF-14 in < 1 epoch"), tested on PF-9 and 18.
+_MAZES = dict(task="mazes", grid=11, batch_size=256, lr=1e-3, warmup=0.1, images=2_500_000, eval_images=10_000,
+              eval_every=250_000, eval_lengths=[9, 13], fast=True)
+EXTRAPOLATE = {"mazes-locrnn": dict(_MAZES, model="locrnn"), "mazes-convgru": dict(_MAZES, model="convgru"),
+               "mazes-rresnet": dict(_MAZES, model="rresnet"), "mazes-resnet": dict(_MAZES, model="resnet"),
+               "mazes-locrnn-cbptt": dict(_MAZES, model="locrnn", algo="c-bptt"),  # the LCP for LocRNN (issue 14)
+               "pfcls-locrnn": dict(task="pathfinder-cls", length=14, model="locrnn", batch_size=256, lr=1e-4,
+                                    images=700_000, eval_images=10_000, eval_every=100_000, eval_lengths=[9, 18],
+                                    eval_steps=24, fast=True)}
+RESULTS = {**REPRODUCE, **EXTRAPOLATE}  # the presets that write results/<name>: runs to commit, not make clean's
 PRESETS.update({name: {**_PF14, **run, "out": f"results/{name}"} for name, run in REPRODUCE.items()})
+PRESETS.update({name: {**run, "out": f"results/{name}"} for name, run in EXTRAPOLATE.items()})
 # --dry-run: a few iterations at tiny sizes (75-px PF-6, 3x3 kernels, 8 channels, 3 steps); typed options win
 DRY_RUN = dict(images=8, batch_size=4, eval_images=4, eval_every=4, eval_batch_size=4, size=75, length=6,
                steps=3, neumann_steps=3, kernel=3, out=None)
@@ -176,8 +190,9 @@ def parse_args(argv=None, description=None):
                 print("no CUDA GPU here: running the small CPU configuration of --preset pathfinder-cpu instead "
                       "(the paper's config needs a GPU)")
                 name = "pathfinder-cpu"
-            if name in REPRODUCE and no_gpu:
-                parser.error(f"--preset {name} trains 1.2 M images of the paper's config: it needs a CUDA GPU")
+            if name in RESULTS and no_gpu and not args.dry_run:  # a dry run of it checks that it runs
+                parser.error(f"--preset {name} trains {PRESETS[name]['images']:,} images of a paper's config: it "
+                             "needs a CUDA GPU")
             parser.set_defaults(**PRESETS[name])
         if args.dry_run:
             parser.set_defaults(**DRY_RUN)
@@ -289,7 +304,7 @@ def check_run_dir(parser, args):
         return  # a dry run without --out: a fresh temporary directory
     done = os.path.isfile(os.path.join(args.out, "model.pt"))
     started = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
-    runs = [p["out"] for name, p in PRESETS.items() if name not in REPRODUCE]  # what make clean removes
+    runs = [p["out"] for name, p in PRESETS.items() if name not in RESULTS]  # what make clean removes
     preset_dir = os.path.normpath(args.out) in {os.path.normpath(out) for out in runs}
     fresh = f"to train afresh, delete it ({'make clean' if preset_dir else f'rm -r {args.out}'}) or pick another --out"
     if args.resume and not started:

@@ -337,6 +337,21 @@ def test_a_finished_run_is_not_overwritten_and_says_how_to_start_afresh(tmp_path
     assert "make clean" in capsys.readouterr().err
 
 
+def test_the_papers_runs_are_presets_into_results_that_need_a_gpu_unless_dry(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in options.RESULTS:
+        with pytest.raises(SystemExit):
+            options.parse_args(["--preset", name])
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+        args = options.parse_args(["--preset", name, "--dry-run"])  # its dry run: a temporary directory
+        assert args.images == options.DRY_RUN["images"] and args.eval_lengths  # and other test sets at the end
+    mazes = options.parse_args(["--preset", "mazes-rresnet", "--dry-run"])
+    assert (mazes.model, mazes.grid, mazes.eval_lengths) == ("rresnet", 11, [9, 13])
+    assert options.PRESETS["mazes-locrnn"]["images"] == 2_500_000
+    assert all(options.PRESETS[name]["out"] == f"results/{name}" for name in options.RESULTS)
+    assert options.PRESETS["pfcls-locrnn"]["eval_lengths"] == [9, 18]
+
+
 def test_dry_run_honours_typed_options_and_writes_to_a_temporary_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train.tempfile, "tempdir", str(tmp_path / "tmp"))
