@@ -307,22 +307,40 @@ class StepVJP:
     """vjp(h, x, v) for crbp.run: v^T dF/dh, reusing the Jacobian factors of the last (h, x) it saw.
 
     The Neumann series asks for K VJPs at the same h_{T-1}: the step's forward (two of its four
-    convolutions) runs once per run, not once per term. Make one per run (it holds that run's factors).
-    linearize(h, x) -> (h_next, factors) and adjoint(factors, v) -> v^T J, e.g. compiled."""
+    convolutions) runs once per run, not once per term. And step(h, x), as crbp's taped last step of rbp,
+    runs that step by linearize: the LCP's vjp at the same (h, x) then trains through those factors, so
+    the step's forward and backward run once, not once for the cell and again for the LCP. Make one per
+    run (it holds that run's factors). linearize(h, x) -> (h_next, factors) and adjoint(factors, v) ->
+    v^T J, e.g. compiled."""
 
     def __init__(self, linearize, adjoint):
         self.linearize, self.adjoint = linearize, adjoint
-        self._key = self._held = self._factors = None
+        self._key = self._held = self._factors = self._taped = None
 
-    def __call__(self, h, x, v):
+    @staticmethod
+    def _key_of(h, x):
         # The same (h, x) data: same memory, shape and strides, not changed in place (their versions), and
         # held here, so that their memory cannot be reused by another tensor meanwhile.
-        key = [(z.data_ptr(), z.shape, z.stride(), z._version) for z in (h, x)]
-        if torch.is_grad_enabled() or key != self._key:
-            factors = self.linearize(h, x)[1]  # with grad when asked: the LCP trains through them
-            self._key, self._held, self._factors = key, (h, x), [f.detach() for f in factors]
-        else:
-            factors = self._factors
+        return [(z.data_ptr(), z.shape, z.stride(), z._version) for z in (h, x)]
+
+    def _keep(self, h, x, factors, taped):
+        self._key, self._held = self._key_of(h, x), (h, x)
+        self._factors, self._taped = [f.detach() for f in factors], (factors if taped else None)
+
+    def step(self, h, x):
+        """h_next = F(h, x), with its factors kept on the tape for the vjp calls at this (h, x) that follow."""
+        h_next, factors = self.linearize(h, x)
+        self._keep(h, x, factors, taped=torch.is_grad_enabled())
+        return h_next
+
+    def __call__(self, h, x, v):
+        same = self._key_of(h, x) == self._key
+        if torch.is_grad_enabled() and not (same and self._taped is not None):
+            factors = self.linearize(h, x)[1]  # with grad: the LCP trains through them
+            self._keep(h, x, factors, taped=True)
+        elif not same:
+            self._keep(h, x, self.linearize(h, x)[1], taped=False)
+        factors = self._taped if torch.is_grad_enabled() else self._factors
         return self.adjoint(factors, v)
 
 

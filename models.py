@@ -244,11 +244,15 @@ class Recurrent(nn.Module):
             crbp_options["on_step"] = user_on_step
         extra = self.cell.prepare(x) if hasattr(self.cell, "prepare") else {}  # per run (the hGRU's spectra)
         cell = functools.partial(self.cell, **extra) if extra else self.cell
+        own_cell = "fast_cell" not in crbp_options
         if "cell" in self.compiled:  # the fast path (compile_cell)
             crbp_options.setdefault("fast_cell", functools.partial(self.compiled["cell"], **extra))
-        if "linearize" in self.compiled:  # one StepVJP per run: it keeps this run's Jacobian factors
-            crbp_options.setdefault("vjp", fastpath.StepVJP(functools.partial(self.compiled["linearize"], **extra),
-                                                            functools.partial(self.compiled["adjoint"], **extra)))
+        if "linearize" in self.compiled and "vjp" not in crbp_options:  # one StepVJP per run: its Jacobian factors
+            vjp = fastpath.StepVJP(functools.partial(self.compiled["linearize"], **extra),
+                                   functools.partial(self.compiled["adjoint"], **extra))
+            crbp_options["vjp"], fast = vjp, crbp_options["fast_cell"]
+            if own_cell and algo.removeprefix("c-") == "rbp":  # rbp's taped step by linearize, for the LCP's factors
+                crbp_options["fast_cell"] = lambda h, x: vjp.step(h, x) if torch.is_grad_enabled() else fast(h, x)
         state, penalty, stats = crbp.run(cell, x, h0, steps=steps, algo=algo, **crbp_options)
         return Output(self.readout(_first(state)), penalty, stats, record if per_step else None)
 

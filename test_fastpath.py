@@ -137,6 +137,33 @@ def test_step_vjp_reuses_the_factors_while_h_and_x_stay():
     assert vjp(h, z, v).requires_grad  # with grad: always recomputed, and differentiable
 
 
+def test_step_vjp_step_keeps_its_factors_on_the_tape_for_the_lcp():
+    """StepVJP.step runs the taped step by linearize; the LCP's vjp at the same (h, z) then trains through
+    those factors (no second linearize), and the Neumann terms' vjp under no_grad reuses them detached."""
+    cell, h, z = cell_and_state()
+    calls = []
+
+    def linearize(h, z):
+        calls.append(1)
+        return cell.linearize(h, z)
+
+    vjp, ones = fastpath.StepVJP(linearize, cell.adjoint), torch.ones_like(h)
+    leaf = h.detach().requires_grad_()
+    h_next = vjp.step(leaf, z)
+    penalty = crbp._lcp([vjp(leaf, z, ones)], 0.5, "mean")
+    loss = h_next.square().sum() + penalty
+    assert len(calls) == 1 and penalty > 0
+    with torch.no_grad():
+        term = vjp(leaf.detach(), z, ones * 2)
+    assert len(calls) == 1 and torch.allclose(term, cell.vjp(h, z, ones * 2))
+    ref_leaf = h.detach().requires_grad_()  # the reference: the cell on autograd's tape, and its double backward
+    h_next = cell(ref_leaf, z)
+    u = torch.autograd.grad(h_next, ref_leaf, ones, create_graph=True)[0]
+    ref = h_next.square().sum() + crbp._lcp([u], 0.5, "mean")
+    params = [p for p in cell.parameters() if p.requires_grad]
+    assert close(torch.autograd.grad(loss, [leaf] + params), torch.autograd.grad(ref, [ref_leaf] + params))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The whole model: FFT cell + explicit VJP (the fast path) against the plain path
 
@@ -162,12 +189,17 @@ def test_fast_model_equals_plain_model(algo):
     for fast in (False, True):
         torch.manual_seed(0)
         model = randomize(models.build("hgru", conv="fft" if fast else "direct", kernel=5).double(), scale=0.2)
+        calls = []
         if fast:
             model.compile_cell(backend="aot_eager")
+            linearize = model.compiled["linearize"]
+            model.compiled["linearize"] = lambda *a, **k: calls.append(1) or linearize(*a, **k)
         out = model(rand(2, 1, 16, 16), steps=6, algo=algo, mu=0.5, neumann_steps=5, tol=0)
         loss = out.logits.square().mean() + 10 * out.penalty
         assert algo == "rbp" or out.penalty > 0
         results.append((out.logits, out.penalty) + torch.autograd.grad(loss, list(model.parameters())))
+        if fast and algo.endswith("rbp"):  # one linearize per run: the taped step, the LCP and the Neumann terms
+            assert len(calls) == 1
         if algo.endswith("rbp"):
             results[-1] += (torch.tensor(float(out.stats.neumann_terms)),)
     assert close(*results)
