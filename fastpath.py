@@ -233,7 +233,12 @@ def horizontal(cell, a, i, spectra=None, adjoint=False):
 
 
 def _bn(bn, q):
-    """BatchNorm with batch statistics: (BN(q), q_hat, w / sd), statistics per channel over B, H, W."""
+    """BatchNorm with batch statistics: (BN(q), q_hat, w / sd), statistics per channel over B, H, W. The
+    hGRU's BatchNorm keeps no running statistics (as the paper code's), so this is all it does: a step by
+    linearize (StepVJP.step) is the cell's step in every way."""
+    if bn.track_running_stats:
+        raise ValueError("fastpath.linearize follows BatchNorm with batch statistics only "
+                         "(track_running_stats=False, as HGRUCell builds it)")
     m = q.mean((0, 2, 3), keepdim=True)
     sd = (q - m).square().mean((0, 2, 3), keepdim=True).add(bn.eps).sqrt()  # biased variance, as BN uses
     q_hat = (q - m) / sd

@@ -28,6 +28,7 @@ B x 2 x H x W). Default sizes per task are in TASKS and in each constructor belo
 """
 import functools
 import inspect
+import itertools
 import math
 import os
 from typing import NamedTuple, Optional
@@ -251,8 +252,10 @@ class Recurrent(nn.Module):
             vjp = fastpath.StepVJP(functools.partial(self.compiled["linearize"], **extra),
                                    functools.partial(self.compiled["adjoint"], **extra))
             crbp_options["vjp"], fast = vjp, crbp_options["fast_cell"]
-            if own_cell and algo.removeprefix("c-") == "rbp":  # rbp's taped step by linearize, for the LCP's factors
-                crbp_options["fast_cell"] = lambda h, x: vjp.step(h, x) if torch.is_grad_enabled() else fast(h, x)
+            if own_cell and (algo.startswith("c-") or algo == "rbp"):  # the last step by linearize: its factors
+                t = itertools.count(1)  # serve the LCP and the Neumann terms (crbp.run calls the cell `steps` times)
+                crbp_options["fast_cell"] = lambda h, x: (vjp.step if next(t) == steps and torch.is_grad_enabled()
+                                                          else fast)(h, x)
         state, penalty, stats = crbp.run(cell, x, h0, steps=steps, algo=algo, **crbp_options)
         return Output(self.readout(_first(state)), penalty, stats, record if per_step else None)
 
