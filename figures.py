@@ -63,9 +63,10 @@ def tick_label(v, step):
     return f"{v:.{digits}f}" if abs(v) < 1e5 else f"{v:.2g}"
 
 
-def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 320), colors=None):
+def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 320), colors=None, dashed=()):
     """series: {name: (xs, ys)}. Lines on shared axes with round ticks, and a legend; points=True draws every
-    series as points, a set of names only those (as dots); colors: {name: index}, so that series share one.
+    series as points, a set of names only those (as dots); colors: {name: index}, so that series share one;
+    dashed: names drawn as dotted lines.
 
     The left margin grows with the longest y tick label, so no tick text is cut off; non-finite values
     are skipped."""
@@ -103,7 +104,8 @@ def svg_plot(path, series, xlabel, ylabel, title="", points=False, size=(480, 32
             out += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="{c}"/>' for px, py in pts]
         elif pts:
             xy = " ".join(f"{px:.1f},{py:.1f}" for px, py in pts)
-            out.append(f'<polyline points="{xy}" stroke="{c}" fill="none"/>')
+            dash = ' stroke-dasharray="2 3"' if name in dashed else ""
+            out.append(f'<polyline points="{xy}" stroke="{c}" fill="none"{dash}/>')
         y = top + 14 * (i + 1)  # the legend, top right
         out.append(f'<text x="{W - right - 4}" y="{y}" text-anchor="end" fill="{c}">{esc(name)}</text>')
     with open(path, "w") as f:

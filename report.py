@@ -488,11 +488,9 @@ def runs_figure(run_dirs, path):
     spirit), with the paper's numbers at t = 6, 20, 40 as dots in the run's colour where it has them."""
     series, dots, colors = {}, set(), {}
     for i, run in enumerate(run_dirs):
-        cfg, rep_path = load_config(run), os.path.join(run, "report.json")
-        if not os.path.isfile(rep_path):
-            raise ValueError(f"{run} has no report.json yet: finish the run, or draw it with train.py --report {run}")
+        cfg = load_config(run)
         task, paper = TASKS[cfg.task], paper_numbers(cfg)
-        curve = json.load(open(rep_path))["per_step"][str(getattr(cfg, task.knob))]
+        curve = _report(run)["per_step"][str(getattr(cfg, task.knob))]
         name = f"{cfg.algo}, T={cfg.steps}"
         series[name], colors[name] = (list(range(1, len(curve) + 1)), curve), i
         if paper.get("per_step"):
@@ -502,11 +500,51 @@ def runs_figure(run_dirs, path):
                      points=dots, colors=colors)
 
 
+def extrapolation_figure(run, path, baselines=()):
+    """One recurrent run's per-step curves on every test set it was evaluated on (its training set and
+    --eval-lengths), its training T circled, and feedforward runs' scores on the same sets as dotted lines
+    (the LocRNN paper's Fig. 2 in spirit)."""
+    cfg, rep = load_config(run), _report(run)
+    task = TASKS[cfg.task]
+    series, dots, colors, dashed = {}, set(), {}, set()
+    for i, (n, curve) in enumerate(sorted(rep["per_step"].items(), key=lambda kv: int(kv[0]))):
+        name = f"{task.knob} {n}" + (" (trained)" if int(n) == getattr(cfg, task.knob) else "")
+        series[name], colors[name] = (list(range(1, len(curve) + 1)), curve), i
+        if int(n) == getattr(cfg, task.knob) and cfg.steps <= len(curve):
+            series[f"T = {cfg.steps}"], colors[f"T = {cfg.steps}"] = ([cfg.steps], [curve[cfg.steps - 1]]), i
+            dots.add(f"T = {cfg.steps}")
+        for base in baselines:  # a feedforward run: one score per test set, drawn across the steps
+            bcfg, brep = load_config(base), _report(base)
+            if n in brep["per_step"]:
+                label = f"{bcfg.model} {task.knob} {n}"
+                series[label], colors[label] = ([1, len(curve)], [brep["per_step"][n][0]] * 2), i
+                dashed.add(label)
+    figures.svg_plot(path, series, "step t", task.curve, f"{cfg.model} {cfg.algo}, trained at T = {cfg.steps} on "
+                     f"{task.knob} {getattr(cfg, task.knob)}", points=dots, colors=colors, dashed=dashed)
+
+
+def _report(run):
+    path = os.path.join(run, "report.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{run} has no report.json yet: finish the run, or draw it with train.py --report {run}")
+    return json.load(open(path))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Tables of trained runs, from their run directories")
     ap.add_argument("--table", nargs="+", metavar="RUN_DIR", required=True, help="run directories (results/pf14-*)")
     ap.add_argument("--figure", metavar="SVG", help="also draw the finished runs' per-step curves in one figure")
+    ap.add_argument("--extrapolation", metavar="DIR", help="also draw each finished recurrent run's curves on every "
+                    "test set, feedforward runs as dotted lines: DIR/extrapolation_<run>.svg")
     args = ap.parse_args()
     print(runs_table(args.table))
+    done = [run for run in args.table if os.path.isfile(os.path.join(run, "report.json"))]
     if args.figure:
-        runs_figure([run for run in args.table if os.path.isfile(os.path.join(run, "report.json"))], args.figure)
+        runs_figure(done, args.figure)
+    if args.extrapolation:
+        os.makedirs(args.extrapolation, exist_ok=True)
+        feedforward = [run for run in done if _report(run).get("drift_median") is None]  # no state, no drift
+        for run in done:
+            if run not in feedforward:
+                name = os.path.basename(os.path.normpath(run))
+                extrapolation_figure(run, os.path.join(args.extrapolation, f"extrapolation_{name}.svg"), feedforward)

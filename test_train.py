@@ -489,6 +489,14 @@ def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(
     shapes = lambda tag: [e for e in svg.iter() if e.tag.endswith(tag)]
     assert len(shapes("polyline")) == 2 and len(shapes("circle")) == 6  # two curves, the paper's t = 6, 20, 40
     assert {e.get("fill") for e in shapes("circle")} == {e.get("stroke") for e in shapes("polyline")}  # per run
+    ff = tmp_path / "resnet"  # a feedforward run: one score per test set, drawn dotted across the steps
+    ff.mkdir()
+    (ff / "config.json").write_text(json.dumps({**cfg, "model": "resnet", "algo": "bptt", "steps": 1}))
+    (ff / "report.json").write_text(json.dumps({"final": {"f1": 0.6}, "per_step": {"14": [0.6], "20": [0.4]}}))
+    report.extrapolation_figure(str(tmp_path / "c-rbp"), tmp_path / "e.svg", [str(ff)])
+    svg = ET.parse(tmp_path / "e.svg").getroot()
+    assert len(shapes("polyline")) == 4 and len(shapes("circle")) == 1  # PF-14, PF-20, two dotted; T circled
+    assert sum(e.get("stroke-dasharray") is not None for e in shapes("polyline")) == 2
 
 
 def test_held_out_checks_print_on_their_own_lines(tmp_path, capsys, monkeypatch):
