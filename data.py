@@ -145,7 +145,7 @@ IGNORE = 255
 
 
 def panoptic(batch, size=128, *, curves=4, blobs=2, length=90.0, stroke=2.5, curvature=0.25, min_area=16,
-             split="train", seed=0, device=None):
+             centred=False, split="train", seed=0, device=None):
     """B images (B, 3, S, S) in [0, 1] with their panoptic ground truth, rendered with tensor ops.
 
     Stuff: two classes told apart by texture only (horizontal vs vertical stripes, same colours, noise), in
@@ -153,7 +153,8 @@ def panoptic(batch, size=128, *, curves=4, blobs=2, length=90.0, stroke=2.5, cur
     walks of `length` px and `stroke` px wide (all curves of an image share one colour) and `blobs` rotated
     ellipses (another colour), composited in a random z-order; visible masks in painter's order, boxes from
     the visible masks; instances with fewer than `min_area` visible pixels become void. Sizes scale with
-    size / 128.
+    size / 128. centred=True: each curve is point-symmetric about its midpoint (an S-curve), so its box is
+    centred on it: the curve through the box centre is the instance, to be traced out from there.
     Returns a dict: image; semantic (B, S, S) (0 things, 1..2 stuff, 255 void); masks (B, N, S, S) bool;
     labels, valid (B, N); boxes (B, N, 4) [x1, y1, x2, y2) in pixels; pan (B, S, S) ids (0 void, 1..N
     things, N+1.. stuff); pan_cats (B, N + 3).
@@ -183,9 +184,14 @@ def panoptic(batch, size=128, *, curves=4, blobs=2, length=90.0, stroke=2.5, cur
     ang = head0 + torch.cumsum(turns, 2)  # (B, c, n_seg)
     step = length * k / n_seg
     start = (0.2 + 0.6 * rand(B, curves, 1, 2)) * S
-    pts = torch.cat([start, start + torch.cumsum(step * torch.stack([ang.cos(), ang.sin()], -1), 2)], 2)
+    walk = torch.cumsum(step * torch.stack([ang.cos(), ang.sin()], -1), 2)  # (B, c, n_seg, 2)
+    if centred:  # start is the midpoint: half the walk forwards, and its reflection through start backwards
+        half = walk[:, :, : n_seg // 2]
+        pts = torch.cat([(start - half).flip(2), start, start + half], 2)  # 2 (n_seg // 2) segments
+    else:
+        pts = torch.cat([start, start + walk], 2)
     d2 = torch.full((B, curves, S, S), float("inf"), device=dev)
-    for j in range(n_seg):  # separable point-to-segment distance, running min over segments
+    for j in range(pts.shape[2] - 1):  # separable point-to-segment distance, running min over segments
         a, d = pts[:, :, j], pts[:, :, j + 1] - pts[:, :, j]  # (B, c, 2)
         px, py = yy - a[..., :1], yy - a[..., 1:]  # (B, c, S) x and y offsets
         dx, dy = d[..., 0, None, None], d[..., 1, None, None]  # (B, c, 1, 1)

@@ -334,6 +334,23 @@ def test_renderer_invariants():
     assert not torch.equal(data.panoptic(4, 64, seed=4)["image"], a["image"])
 
 
+def test_centred_curves_pass_through_their_box_centres():
+    """centred=True: each curve is point-symmetric about its midpoint, so a whole (unoccluded, uncut) curve's
+    box is centred on the curve; the default curves start anywhere and their boxes are not."""
+    dist = {}
+    for centred in (True, False):
+        a = data.panoptic(32, 128, curves=1, blobs=0, length=60.0, seed=5, centred=centred)
+        far = []
+        for b in range(32):
+            m, (x1, y1, x2, y2) = a["masks"][b, 0], a["boxes"][b, 0].tolist()
+            if x1 > 0 and y1 > 0 and x2 < 128 and y2 < 128:  # not cut by the image border
+                ys, xs = m.nonzero(as_tuple=True)
+                far.append(((xs + 0.5 - (x1 + x2) / 2) ** 2 + (ys + 0.5 - (y1 + y2) / 2) ** 2).sqrt().min().item())
+        dist[centred] = torch.tensor(far)
+    assert len(dist[True]) >= 16 and dist[True].max() <= 1.5
+    assert dist[False].max() > 5  # (a nearly straight curve passes near its centre too)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Heads
 

@@ -108,7 +108,7 @@ def evaluate(model, args, device, steps, n_images, per_step=False):
 EXPERIMENT = [("conv4", "bptt", 1), ("hgru", "bptt", 1), ("hgru", "bptt", 3), ("hgru", "bptt", 5),
               ("hgru", "c-rbp", 5), ("hgru", "c-rbp", 10), ("hgru", "c-rbp", 20)]
 SEEDS = (0, 1, 2)
-TASK_KEYS = ("size", "curves", "blobs", "length", "stroke", "curvature")
+TASK_KEYS = ("size", "curves", "blobs", "length", "stroke", "curvature", "centred")
 
 
 def task_options(args):
@@ -132,6 +132,8 @@ def get_parser():
     a("--length", type=float, default=90.0, help="curve length in pixels at 128 px")
     a("--stroke", type=float, default=2.5, help="curve width in pixels at 128 px")
     a("--curvature", type=float, default=0.25, help="s.d. of the heading change per 4-px segment (radians)")
+    a("--centred", action="store_true", help="S-curves, point-symmetric about their midpoints: the curve through "
+                                             "the box centre is the instance, traced out from there")
     a("--batch-size", type=int, default=8, help="images per step")
     a("--proposals", type=int, default=2, help="jittered proposals per GT instance in training")
     a("--iters", type=int, default=1000, help="training steps")
