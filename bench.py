@@ -114,6 +114,8 @@ def trainer(model, batch, algo, T, K, stats=None):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step():
+        if COMPILE_MODE in ("reduce-overhead", "max-autotune"):  # CUDA graphs: a new training step, as train.py
+            torch.compiler.cudagraph_mark_step_begin()
         loss, out = loss_of(model, batch, algo, T, K)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -54,7 +54,7 @@ DRY_RUN = dict(images=8, batch_size=4, eval_images=4, eval_every=4, eval_batch_s
                steps=3, neumann_steps=3, kernel=3, out=None)
 # options a --resume or --report may change: where it runs, when it stops, how it is evaluated (not what is trained)
 RESUMABLE = {"until", "until_minutes", "device", "eval_images", "eval_batch_size", "eval_every", "eval_steps",
-             "eval_lengths", "compile", "conv", "fast", "mix"}
+             "eval_lengths", "compile", "conv", "fast", "mix", "compile_mode"}
 MODES = ("resume", "report", "eval", "ks")  # what train.py does instead of a new run; not saved in config.json
 NOT_SAVED = set(MODES) | {"until", "until_minutes", "preset", "halt"}
 
@@ -119,6 +119,9 @@ def get_parser(description=None):
     a("--fast", action=argparse.BooleanOptionalAction, default=False,
       help="--conv fft --compile, the fastest path on a GPU. On in --preset pathfinder; --no-fast there gives "
            "the plain path")
+    a("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+      help="with --compile/--fast: torch.compile's mode; reduce-overhead replays CUDA graphs, for small, "
+           "launch-bound cells such as the mazes' (each call's outputs are then copied out of the graph)")
     a("--mix", default="matmul", choices=("matmul", "triton"),
       help="with --fast on a GPU: the FFT convolutions' channel mix as permute + batched matmul, or as one Triton "
            "kernel on cuFFT's layout (fastpath.MIX; the same function)")

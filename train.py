@@ -179,8 +179,9 @@ def train(args, device, rank=0, world=1):
     if args.out is None and main_rank:  # a dry run without --out
         args.out = tempfile.mkdtemp(prefix="crbp-dry-run-")
     fastpath.MIX = args.mix  # the FFT convolutions' channel mix (the same function either way)
+    graphs = args.compile and args.compile_mode != "default"  # CUDA graphs: each step marks a new replay
     if args.compile and model.recurrent:
-        model.compile_cell()
+        model.compile_cell(**({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
     net = model  # what the training step calls; evaluations and checkpoints use the model itself
     if world > 1:
         if args.sync_bn:
@@ -217,7 +218,8 @@ def train(args, device, rank=0, world=1):
              + ("synchronised" if args.sync_bn else "per rank"))
     say(f"device {gpu}{ranks if world > 1 else ''}, torch {torch.__version__}, amp {'bf16' if args.amp else 'off'}, "
           f"compile "
-          f"{'on' if args.compile else 'off'}{', fft conv' if args.conv == 'fft' else ''} | {args.batch_size} "
+          f"{'on' if args.compile else 'off'}{f' ({args.compile_mode})' if graphs else ''}"
+          f"{', fft conv' if args.conv == 'fft' else ''} | {args.batch_size} "
           f"images/step x {iters:,} steps = {iters * args.batch_size:,} images, {args.schedule} lr {args.lr} | "
           f"run dir {args.out}" + (f" | resuming at step {start:,}" if start else ""))
 
@@ -265,6 +267,8 @@ def train(args, device, rank=0, world=1):
 
     with StopOnCtrlC() as ctrl_c:
         while it < iters:
+            if graphs:  # the last step's graph outputs are dead: its replays may reuse their memory
+                torch.compiler.cudagraph_mark_step_begin()
             for group in opt.param_groups:
                 group["lr"] = lr_at(args, it, iters)
             images, target, free = data.task_batch(task.name, it * world + rank, local_batch, split="train",
