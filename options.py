@@ -33,7 +33,10 @@ PRESETS = {
 _PF14 = dict(task="pathfinder", length=14, model="hgru", batch_size=32, lr=1e-3, images=1_200_000, eval_images=10_000,
              eval_lengths=[20, 25], eval_every=100_000, eval_steps=40, fast=True)  # final report: 10k images, PF-20/25
 REPRODUCE = {"pf14-crbp": dict(algo="c-rbp", steps=20, neumann_steps=15, mu=0.9, penalty_weight=10.0),
-             "pf14-bptt": dict(algo="bptt", steps=6), "pf14-cbptt": dict(algo="c-bptt", steps=6, penalty_weight=10.0)}
+             "pf14-bptt": dict(algo="bptt", steps=6), "pf14-cbptt": dict(algo="c-bptt", steps=6, penalty_weight=10.0),
+             # the paper's effective batch: 128 images a step, BatchNorm statistics per 32 (its 4 GPUs), on one GPU
+             "pf14-crbp-b128": dict(algo="c-rbp", steps=20, neumann_steps=15, mu=0.9, penalty_weight=10.0,
+                                    batch_size=128, bn_group=32)}
 # The LocRNN paper's runs (make extrapolate): medium (11 x 11) mazes, batch 256, 50 epochs of 50k mazes, warmup
 # over 5 epochs then decay (the paper's was a step decay; cosine here), T = 15 (R-ResNet-36: 8 iterations);
 # tested on the 10k-maze test sets of small, medium and large at t = 1..3T. PF-14 cls: LocRNN at T = 12, Adam
@@ -50,8 +53,8 @@ RESULTS = {**REPRODUCE, **EXTRAPOLATE}  # the presets that write results/<name>:
 PRESETS.update({name: {**_PF14, **run, "out": f"results/{name}"} for name, run in REPRODUCE.items()})
 PRESETS.update({name: {**run, "out": f"results/{name}"} for name, run in EXTRAPOLATE.items()})
 # --dry-run: a few iterations at tiny sizes (75-px PF-6, 3x3 kernels, 8 channels, 3 steps); typed options win
-DRY_RUN = dict(images=8, batch_size=4, eval_images=4, eval_every=4, eval_batch_size=4, size=75, length=6,
-               steps=3, neumann_steps=3, kernel=3, out=None)
+DRY_RUN = dict(images=8, batch_size=4, bn_group=None, eval_images=4, eval_every=4, eval_batch_size=4, size=75,
+               length=6, steps=3, neumann_steps=3, kernel=3, out=None)
 # options a --resume or --report may change: where it runs, when it stops, how it is evaluated (not what is trained)
 RESUMABLE = {"until", "until_minutes", "device", "eval_images", "eval_batch_size", "eval_every", "eval_steps",
              "eval_lengths", "compile", "conv", "fast", "mix", "compile_mode"}
