@@ -34,9 +34,11 @@ reproduce:
 	$(call train-pieces,pf14-crbp pf14-bptt pf14-cbptt,--eval-images 10000 --eval-lengths 20 25)
 
 # The LocRNN paper's runs (one GPU): LocRNN, ConvGRU, R-ResNet-36, ResNet-36 on medium mazes, tested on small,
-# medium and large at t = 1..3T; LocRNN with the LCP (c-bptt); LocRNN on PF-14 cls, tested on PF-9 and PF-18.
+# medium and large at t = 1..3T; LocRNN with the LCP (c-bptt, and c-rbp at T = 30); LocRNN on PF-14 cls, tested
+# on PF-9 and PF-18.
 extrapolate:
-	$(call train-pieces,mazes-locrnn mazes-convgru mazes-rresnet mazes-resnet mazes-locrnn-cbptt pfcls-locrnn,)
+	$(call train-pieces,mazes-locrnn mazes-convgru mazes-rresnet mazes-resnet mazes-locrnn-cbptt \
+	  mazes-locrnn-crbp30 pfcls-locrnn,)
 
 # Start afresh: remove the preset run directories (other runs stay) and Python's caches.
 clean:

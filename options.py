@@ -46,6 +46,8 @@ _MAZES = dict(task="mazes", grid=11, batch_size=256, lr=1e-3, warmup=0.1, images
 EXTRAPOLATE = {"mazes-locrnn": dict(_MAZES, model="locrnn"), "mazes-convgru": dict(_MAZES, model="convgru"),
                "mazes-rresnet": dict(_MAZES, model="rresnet"), "mazes-resnet": dict(_MAZES, model="resnet"),
                "mazes-locrnn-cbptt": dict(_MAZES, model="locrnn", algo="c-bptt"),  # the LCP for LocRNN (issue 14)
+               "mazes-locrnn-crbp": dict(_MAZES, model="locrnn", algo="c-rbp"),  # slow at T = 15 (README)
+               "mazes-locrnn-crbp30": dict(_MAZES, model="locrnn", algo="c-rbp", steps=30),  # its fix at small scale
                "pfcls-locrnn": dict(task="pathfinder-cls", length=14, model="locrnn", batch_size=256, lr=1e-4,
                                     images=700_000, eval_images=10_000, eval_every=100_000, eval_lengths=[9, 18],
                                     eval_steps=24, fast=True)}
