@@ -412,8 +412,10 @@ def defaults(name: str, task: str = "pathfinder-seg") -> tuple:
 
 
 def save(model: nn.Module, path) -> None:
-    """Write a model that build() made: its weights and the build() call, so that load() needs nothing else."""
-    torch.save({"build": model.build_config, "model": model.state_dict()}, path)
+    """Write a model that build() made: its weights (on the CPU, so that any machine reads the file) and the
+    build() call, so that load() needs nothing else."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"build": model.build_config, "model": weights}, path)
 
 
 def load(path, device="cpu") -> nn.Module:

@@ -108,7 +108,9 @@ def get_parser(description=None):
     a("--images", type=int, default=200_000,
       help="training budget in images (the paper's C-RBP saw about 1.15 M on PF-14 at constant lr)")
     a("--eval-images", type=int, default=2048, help="held-out images for the final metrics (paper 10,000)")
-    a("--eval-batch-size", type=int, default=64)
+    a("--eval-batch-size", type=int, default=64,
+      help="images per forward in evaluation; the hGRU's BatchNorm uses batch statistics at test time too, over "
+           "these (paper 32)")
     a("--eval-every", type=int, default=20_000, help="images between quick held-out checks (256 images)")
     a("--eval-steps", type=int, default=None, help="T of the per-step curve (default 40 Pathfinder, 3T mazes)")
     a("--eval-lengths", type=int, nargs="*", default=None,
@@ -336,10 +338,11 @@ def check_writable(parser, path):
 
 
 def model_options(args):
-    """Build options from the command line: --kernel, --steps (hgru_gn's gate-bias init depends on T), and
-    under --dry-run 3x3 kernels and 8 channels wherever the model takes them."""
-    opts = {"kernel": args.kernel, "steps": args.steps, "channels": args.channels, "width": args.channels,
-            "conv": args.conv}
+    """Build options from the command line: --kernel, --steps (hgru_gn's gate-bias init depends on T), --algo
+    (so that a saved model's .algo is the one it trained with), and under --dry-run 3x3 kernels and 8 channels
+    wherever the model takes them."""
+    opts = {"kernel": args.kernel, "steps": args.steps, "algo": args.algo, "channels": args.channels,
+            "width": args.channels, "conv": args.conv}
     if args.dry_run:
         opts.update(channels=args.channels or 8, width=args.channels or 8, depth=8, long_kernel=3, short_kernel=3)
     takes = inspect.signature(models.MODELS[args.model]).parameters

@@ -439,7 +439,7 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
     train.main(tiny(run))
     first = json.load(open(run / "report.json"))
     model = models.load(str(run))
-    assert not model.training and model.steps == 2
+    assert not model.training and model.steps == 2 and model.algo == "c-bptt"  # what it trained with
     images, _, _ = report.data.task_batch("mazes", 0, 2, split="test")
     out = model(images, steps=5, per_step=True)
     assert len(out.per_step) == 5 and out.per_step[-1].shape == (2, 2, 32, 32)
