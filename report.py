@@ -434,13 +434,16 @@ def paper_numbers(cfg):
     return PAPER.get(cfg.algo, {}) if same else {}
 
 
+TARGET = 0.98  # time to accuracy: the first held-out check whose curve metric (PF: F1) reaches this
+
+
 def runs_table(run_dirs):
     """A markdown table of runs from their committed config.json, metrics.jsonl, report.json and
     state_space.json, with the paper's numbers in brackets where the run is its config: what the README's
     reproduction table is made from (python report.py --table RUN_DIR ...). Then the KS tests between runs."""
-    lines = ["| run | images | at T | per step t | peak over t, other test sets | drift T → last t (median) "
-             "| held-out checks (images (training wall time): headline / curve metric) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| run | images | first check at {TARGET} | at T | per step t | peak over t, other test sets "
+             "| drift T → last t (median) | held-out checks (images (training wall time): headline / curve metric) |",
+             "|---|---|---|---|---|---|---|---|"]
     short = lambda n: f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
     ref = lambda value, paper: f"{value:.3f}" + (f" ({paper:.3f})" if paper is not None else "")
     drifts = {}
@@ -452,8 +455,9 @@ def runs_table(run_dirs):
         for r in checks:  # a geometric sample of the checks: each one kept has twice the images of the last kept
             if r is checks[-1] or not kept or r["images"] >= 2 * kept[-1]["images"]:
                 kept.append(r)
-        checks = ", ".join(f"{short(r['images'])}" + (f" ({r['minutes']:.0f} min)" if "minutes" in r else "")
-                           + f": {r['eval'][task.metric]:.3f} / {r['eval'][task.curve]:.3f}" for r in kept)
+        when = lambda r: f"{short(r['images'])}" + (f" ({r['minutes']:.0f} min)" if "minutes" in r else "")
+        reached = next((when(r) for r in checks if r["eval"][task.curve] >= TARGET), "–")  # time to accuracy
+        checks = ", ".join(when(r) + f": {r['eval'][task.metric]:.3f} / {r['eval'][task.curve]:.3f}" for r in kept)
         path = os.path.join(run, "report.json")
         rep = json.load(open(path)) if os.path.isfile(path) else None
         cells = ["(training)", "", "", ""]
@@ -470,7 +474,7 @@ def runs_table(run_dirs):
         space = os.path.join(run, "state_space.json")
         if os.path.isfile(space):
             drifts[f"{name} ({cfg.algo})"] = json.load(open(space))["distance"]
-        lines.append(f"| {name} ({cfg.model} {cfg.algo}, T={cfg.steps}) | {seen:,} of {cfg.images:,} | "
+        lines.append(f"| {name} ({cfg.model} {cfg.algo}, T={cfg.steps}) | {seen:,} of {cfg.images:,} | {reached} | "
                      + " | ".join(cells) + f" | {checks} |")
     if any(paper_numbers(load_config(run)) for run in run_dirs):
         lines.append("\nIn brackets: the paper's numbers for the same config (F1 at T: its best epoch on 10k images).")

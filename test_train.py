@@ -466,7 +466,7 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
         assert torch.equal(model(images, steps=5, halt=1e9).logits, model(images, steps=1).logits)
     table = report.runs_table([str(run)]).splitlines()
     acc = first["final"]["acc"]
-    assert len(table) == 3 and table[2].startswith(f"| r (convgru c-bptt, T=2) | 24 of 24 | acc {acc:.3f} |")
+    assert len(table) == 3 and table[2].startswith(f"| r (convgru c-bptt, T=2) | 24 of 24 | – | acc {acc:.3f} |")
     assert "| 8 (0 min): " in table[2] and "(0." not in table[2]  # its held-out checks; no paper numbers here
     with pytest.raises(SystemExit):
         train.main(["--eval", str(run), "--lr", "0.5"])
@@ -490,7 +490,7 @@ def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(
         (run / "state_space.json").write_text(json.dumps({"distance": drift}))
     lines = report.runs_table([str(tmp_path / "bptt"), str(tmp_path / "c-rbp")]).splitlines()
     bptt = lines[2]
-    assert bptt.startswith("| bptt (hgru bptt, T=6) | 400,000 of 400,000 | f1 0.500 (0.993) | 6: 0.150 (0.991), ")
+    assert bptt.startswith("| bptt (hgru bptt, T=6) | 400,000 of 400,000 | – | f1 0.500 (0.993) | 6: 0.150 (0.991), ")
     assert "40: 1.000 (0.229) | length 20: 0.250 (0.946) at t=10 | 6.5 |" in bptt
     assert bptt.endswith("| 100k (10 min): 0.100 / 0.050, 200k (20 min): 0.200 / 0.100, 400k (40 min): 0.400 / 0.200 |")
     assert "f1 0.500 (0.980)" in lines[3]
