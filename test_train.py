@@ -12,6 +12,7 @@ import torch
 
 import figures
 import models
+import compare
 import options
 import report
 import train
@@ -464,7 +465,7 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
     assert at_once["steps_max"] == 1 and at_once["acc"] == curve[0]["acc"]
     with torch.no_grad():  # halting at once is one step
         assert torch.equal(model(images, steps=5, halt=1e9).logits, model(images, steps=1).logits)
-    table = report.runs_table([str(run)]).splitlines()
+    table = compare.runs_table([str(run)]).splitlines()
     acc = first["final"]["acc"]
     assert len(table) == 3 and table[2].startswith(f"| r (convgru c-bptt, T=2) | 24 of 24 | – | acc {acc:.3f} |")
     assert "| 8 (0 min): " in table[2] and "(0." not in table[2]  # its held-out checks; no paper numbers here
@@ -488,7 +489,7 @@ def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(
         per_step = {"14": curve, "20": curve[:10] + [0.0] * 30}
         (run / "report.json").write_text(json.dumps({"final": {"f1": 0.5}, "per_step": per_step, "drift_median": 6.5}))
         (run / "state_space.json").write_text(json.dumps({"distance": drift}))
-    lines = report.runs_table([str(tmp_path / "bptt"), str(tmp_path / "c-rbp")]).splitlines()
+    lines = compare.runs_table([str(tmp_path / "bptt"), str(tmp_path / "c-rbp")]).splitlines()
     bptt = lines[2]
     assert bptt.startswith("| bptt (hgru bptt, T=6) | 400,000 of 400,000 | – | f1 0.500 (0.993) | 6: 0.150 (0.991), ")
     assert "40: 1.000 (0.229) | length 20: 0.250 (0.946) at t=10 | 6.5 |" in bptt
@@ -497,7 +498,7 @@ def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(
     ks = lines[-1]  # disjoint samples of 16: D = 1, and p far below 0.05
     assert ks.startswith("State-space drift, two-sample KS test, bptt (bptt) vs c-rbp (c-rbp): D = 1.000, p = ")
     assert float(ks.split("p = ")[1].split(" ")[0]) < 1e-4
-    report.runs_figure([str(tmp_path / "bptt"), str(tmp_path / "c-rbp")], tmp_path / "f.svg")
+    compare.runs_figure([str(tmp_path / "bptt"), str(tmp_path / "c-rbp")], tmp_path / "f.svg")
     svg = ET.parse(tmp_path / "f.svg").getroot()
     shapes = lambda tag: [e for e in svg.iter() if e.tag.endswith(tag)]
     assert len(shapes("polyline")) == 2 and len(shapes("circle")) == 6  # two curves, the paper's t = 6, 20, 40
@@ -506,7 +507,7 @@ def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(
     ff.mkdir()
     (ff / "config.json").write_text(json.dumps({**cfg, "model": "resnet", "algo": "bptt", "steps": 1}))
     (ff / "report.json").write_text(json.dumps({"final": {"f1": 0.6}, "per_step": {"14": [0.6], "20": [0.4]}}))
-    report.extrapolation_figure(str(tmp_path / "c-rbp"), tmp_path / "e.svg", [str(ff)])
+    compare.extrapolation_figure(str(tmp_path / "c-rbp"), tmp_path / "e.svg", [str(ff)])
     svg = ET.parse(tmp_path / "e.svg").getroot()
     assert len(shapes("polyline")) == 4 and len(shapes("circle")) == 1  # PF-14, PF-20, two dotted; T circled
     assert sum(e.get("stroke-dasharray") is not None for e in shapes("polyline")) == 2
@@ -547,11 +548,12 @@ def test_ks_compare_of_two_runs(tmp_path, capsys):
 
 def test_imports_go_one_way():
     """Each module imports only modules below it: figures, crbp, pathfinder, data, fastpath, cells, models, report,
-    options, then train, bench, panoptic (a library) and train_panoptic. No circles; report.py never needs train.py."""
+    compare, options, then train, bench, panoptic (a library) and train_panoptic. No circles; report.py never needs
+    train.py."""
     import ast
     import pathlib
-    order = ["figures", "crbp", "pathfinder", "data", "fastpath", "cells", "models", "report", "options", "train",
-             "bench", "panoptic", "train_panoptic"]
+    order = ["figures", "crbp", "pathfinder", "data", "fastpath", "cells", "models", "report", "compare", "options",
+             "train", "bench", "panoptic", "train_panoptic"]
     for path in pathlib.Path(__file__).parent.glob("*.py"):
         if path.stem not in order:
             continue

@@ -1,0 +1,146 @@
+"""Compare trained runs from their committed run directories: the reproduction table with the paper's numbers
+beside ours, the KS tests between the runs' state-space drifts, and figures across runs (the README's).
+
+    python compare.py results/pf14-bptt results/pf14-crbp                     # the reproduction table
+    python compare.py results/pf14-* --figure per_step.svg                    # their per-step F1 in one figure
+    python compare.py results/mazes-* --extrapolation results/figures         # one figure per recurrent run
+"""
+import argparse
+import json
+import os
+
+import figures
+import report
+
+# The paper's numbers beside ours (crbp_official_spec.md 6.1-6.2), for runs of its config: the hGRU trained on
+# PF-14. F1 at the trained T (best epoch, 10k test images), F1 at t = 6, 20, 40, and the peak F1 over t on PF-20, PF-25.
+PAPER = {"c-rbp": dict(at_T=0.980, per_step={6: 0.528, 20: 0.986, 40: 0.982}, peak={20: 0.976, 25: 0.889}),
+         "bptt": dict(at_T=0.993, per_step={6: 0.991, 20: 0.245, 40: 0.229}, peak={20: 0.946, 25: 0.781}),
+         "c-bptt": dict(at_T=0.992, per_step={6: 0.988, 20: 0.911, 40: 0.860}, peak={20: 0.990, 25: 0.925}),
+         "rbp": dict(at_T=0.833, per_step={}, peak={})}
+
+
+def paper_numbers(cfg):
+    """The paper's numbers for a run of its Pathfinder config, else an empty dict."""
+    same = cfg.task == "pathfinder" and cfg.model == "hgru" and cfg.length == 14 and cfg.size == 150
+    return PAPER.get(cfg.algo, {}) if same else {}
+
+
+TARGET = 0.98  # time to accuracy: the first held-out check whose curve metric (PF: F1) reaches this
+
+
+def runs_table(run_dirs):
+    """A markdown table of runs from their committed config.json, metrics.jsonl, report.json and
+    state_space.json, with the paper's numbers in brackets where the run is its config: what the README's
+    reproduction table is made from (python compare.py RUN_DIR ...). Then the KS tests between runs."""
+    lines = [f"| run | images | first check at {TARGET} | at T | per step t | peak over t, other test sets "
+             "| drift T → last t (median) | held-out checks (images (training wall time): headline / curve metric) |",
+             "|---|---|---|---|---|---|---|---|"]
+    short = lambda n: f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
+    ref = lambda value, paper: f"{value:.3f}" + (f" ({paper:.3f})" if paper is not None else "")
+    drifts = {}
+    for run in run_dirs:
+        cfg, rows = report.load_config(run), report.read_metrics(run)
+        task, paper, name = report.TASKS[cfg.task], paper_numbers(cfg), os.path.basename(os.path.normpath(run))
+        seen = max([r["images"] for r in rows if "loss" in r] or [0])
+        checks, kept = [r for r in rows if "eval" in r and r["images"]], []
+        for r in checks:  # a geometric sample of the checks: each one kept has twice the images of the last kept
+            if r is checks[-1] or not kept or r["images"] >= 2 * kept[-1]["images"]:
+                kept.append(r)
+        when = lambda r: f"{short(r['images'])}" + (f" ({r['minutes']:.0f} min)" if "minutes" in r else "")
+        reached = next((when(r) for r in checks if r["eval"][task.curve] >= TARGET), "–")  # time to accuracy
+        checks = ", ".join(when(r) + f": {r['eval'][task.metric]:.3f} / {r['eval'][task.curve]:.3f}" for r in kept)
+        path = os.path.join(run, "report.json")
+        rep = json.load(open(path)) if os.path.isfile(path) else None
+        cells = ["(training)", "", "", ""]
+        if rep:
+            knob = str(getattr(cfg, task.knob))
+            curve = rep["per_step"].get(knob, [])
+            shown = [t for t in paper.get("per_step", {}) if t <= len(curve)] or sorted({1, cfg.steps, len(curve)})
+            cells[0] = f"{task.curve} " + ref(rep["final"][task.curve], paper.get("at_T"))
+            cells[1] = ", ".join(f"{t}: " + ref(curve[t - 1], paper.get("per_step", {}).get(t)) for t in shown)
+            cells[2] = ", ".join(f"{task.knob} {n}: " + ref(max(c), paper.get("peak", {}).get(int(n)))
+                                 + f" at t={c.index(max(c)) + 1}" for n, c in rep["per_step"].items() if n != knob)
+            if rep.get("drift_median") is not None:
+                cells[3] = f"{rep['drift_median']:.3g}"
+        space = os.path.join(run, "state_space.json")
+        if os.path.isfile(space):
+            drifts[f"{name} ({cfg.algo})"] = json.load(open(space))["distance"]
+        lines.append(f"| {name} ({cfg.model} {cfg.algo}, T={cfg.steps}) | {seen:,} of {cfg.images:,} | {reached} | "
+                     + " | ".join(cells) + f" | {checks} |")
+    if any(paper_numbers(report.load_config(run)) for run in run_dirs):
+        lines.append("\nIn brackets: the paper's numbers for the same config (F1 at T: its best epoch on 10k images).")
+    names = list(drifts)
+    for i, a in enumerate(names):  # the paper: BPTT vs C-RBP differ (p < 0.05), C-BPTT vs C-RBP do not
+        for b in names[i + 1:]:
+            D, p = report.ks_2samp(drifts[a], drifts[b])
+            lines.append(f"\nState-space drift, two-sample KS test, {a} vs {b}: D = {D:.3f}, p = {p:.3g} "
+                         f"(n = {len(drifts[a])}, {len(drifts[b])}).")
+    return "\n".join(lines)
+
+
+def runs_figure(run_dirs, path):
+    """The per-step curves of finished runs on their training test set in one SVG (the paper's Fig. 2c in
+    spirit), with the paper's numbers at t = 6, 20, 40 as dots in the run's colour where it has them."""
+    series, dots, colors = {}, set(), {}
+    for i, run in enumerate(run_dirs):
+        cfg = report.load_config(run)
+        task, paper = report.TASKS[cfg.task], paper_numbers(cfg)
+        curve = _report(run)["per_step"][str(getattr(cfg, task.knob))]
+        name = f"{cfg.algo}, T={cfg.steps}"
+        series[name], colors[name] = (list(range(1, len(curve) + 1)), curve), i
+        if paper.get("per_step"):
+            series[f"{name}: paper"], colors[f"{name}: paper"] = tuple(map(list, zip(*paper["per_step"].items()))), i
+            dots.add(f"{name}: paper")
+    figures.svg_plot(path, series, "step t", task.curve, f"{task.curve} after t steps: ours (lines), the paper (dots)",
+                     points=dots, colors=colors)
+
+
+def extrapolation_figure(run, path, baselines=()):
+    """One recurrent run's per-step curves on every test set it was evaluated on (its training set and
+    --eval-lengths), its training T circled, and feedforward runs' scores on the same sets as dotted lines
+    (the LocRNN paper's Fig. 2 in spirit)."""
+    cfg, rep = report.load_config(run), _report(run)
+    task = report.TASKS[cfg.task]
+    series, dots, colors, dashed = {}, set(), {}, set()
+    for i, (n, curve) in enumerate(sorted(rep["per_step"].items(), key=lambda kv: int(kv[0]))):
+        name = f"{task.knob} {n}" + (" (trained)" if int(n) == getattr(cfg, task.knob) else "")
+        series[name], colors[name] = (list(range(1, len(curve) + 1)), curve), i
+        if int(n) == getattr(cfg, task.knob) and cfg.steps <= len(curve):
+            series[f"T = {cfg.steps}"], colors[f"T = {cfg.steps}"] = ([cfg.steps], [curve[cfg.steps - 1]]), i
+            dots.add(f"T = {cfg.steps}")
+        for base in baselines:  # a feedforward run: one score per test set, drawn across the steps
+            bcfg, brep = report.load_config(base), _report(base)
+            if n in brep["per_step"]:
+                label = f"{bcfg.model} {task.knob} {n}"
+                series[label], colors[label] = ([1, len(curve)], [brep["per_step"][n][0]] * 2), i
+                dashed.add(label)
+    figures.svg_plot(path, series, "step t", task.curve, f"{cfg.model} {cfg.algo}, trained at T = {cfg.steps} on "
+                     f"{task.knob} {getattr(cfg, task.knob)}", points=dots, colors=colors, dashed=dashed)
+
+
+def _report(run):
+    path = os.path.join(run, "report.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{run} has no report.json yet: finish the run, or draw it with train.py --report {run}")
+    return json.load(open(path))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Tables and figures of trained runs, from their run directories")
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories that train.py wrote (results/pf14-*)")
+    ap.add_argument("--figure", metavar="SVG", help="also draw the finished runs' per-step curves in one figure")
+    ap.add_argument("--extrapolation", metavar="DIR", help="also draw each finished recurrent run's curves on every "
+                    "test set, feedforward runs as dotted lines: DIR/extrapolation_<run>.svg")
+    args = ap.parse_args()
+    print(runs_table(args.runs))
+    done = [run for run in args.runs if os.path.isfile(os.path.join(run, "report.json"))]
+    if args.figure:
+        runs_figure(done, args.figure)
+    if args.extrapolation:
+        os.makedirs(args.extrapolation, exist_ok=True)
+        feedforward = [run for run in done if _report(run).get("drift_median") is None]  # no state, no drift
+        for run in done:
+            if run not in feedforward:
+                name = os.path.basename(os.path.normpath(run))
+                extrapolation_figure(run, os.path.join(args.extrapolation, f"extrapolation_{name}.svg"), feedforward)
