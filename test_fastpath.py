@@ -117,15 +117,15 @@ def test_lcp_through_vjp_h_equals_crbp_lcp_double_backward(form):
     assert close(torch.autograd.grad(penalty, params, retain_graph=True), torch.autograd.grad(ref, params))
 
 
+def counted_step_vjp(cell):
+    """A StepVJP of cell, and the list that grows by one at each linearize it runs."""
+    calls = []
+    return fastpath.StepVJP(lambda h, z: calls.append(1) or cell.linearize(h, z), cell.adjoint), calls
+
+
 def test_step_vjp_reuses_the_factors_while_h_and_x_stay():
     cell, h, z = cell_and_state()
-    calls = []
-
-    def linearize(h, z):
-        calls.append(1)
-        return cell.linearize(h, z)
-
-    vjp, v = fastpath.StepVJP(linearize, cell.adjoint), torch.ones_like(h)
+    (vjp, calls), v = counted_step_vjp(cell), torch.ones_like(h)
     with torch.no_grad():
         for k in range(3):
             assert torch.allclose(vjp(h.detach(), z.detach(), v * k), cell.vjp(h, z, v * k))  # detached: same data
@@ -141,13 +141,7 @@ def test_step_vjp_step_keeps_its_factors_on_the_tape_for_the_lcp():
     """StepVJP.step runs the taped step by linearize; the LCP's vjp at the same (h, z) then trains through
     those factors (no second linearize), and the Neumann terms' vjp under no_grad reuses them detached."""
     cell, h, z = cell_and_state()
-    calls = []
-
-    def linearize(h, z):
-        calls.append(1)
-        return cell.linearize(h, z)
-
-    vjp, ones = fastpath.StepVJP(linearize, cell.adjoint), torch.ones_like(h)
+    (vjp, calls), ones = counted_step_vjp(cell), torch.ones_like(h)
     leaf = h.detach().requires_grad_()
     h_next = vjp.step(leaf, z)
     penalty = crbp._lcp([vjp(leaf, z, ones)], 0.5, "mean")
