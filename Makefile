@@ -28,10 +28,11 @@ define train-pieces
 	  else $(PYTHON) train.py --preset $$r --until-minutes $(MINUTES); fi || exit 1; done
 endef
 
-# The C-RBP paper's PF-14 rows (C-RBP T=20, BPTT T=6, C-BPTT T=6; one GPU). The final report: 10,000 held-out
-# images, and the PF-14 model also on PF-20 and PF-25 (runs started before the presets said so get it on resume).
+# The C-RBP paper's PF-14 rows (C-RBP T=20, BPTT T=6, C-BPTT T=6, then RBP T=20 and the FF6 CNN; one GPU).
+# The final report: 10,000 held-out images, and the PF-14 model also on PF-20 and PF-25 (runs started before the
+# presets said so get it on resume).
 reproduce:
-	$(call train-pieces,pf14-crbp pf14-bptt pf14-cbptt,--eval-images 10000 --eval-lengths 20 25)
+	$(call train-pieces,pf14-crbp pf14-bptt pf14-cbptt pf14-rbp pf14-ff6,--eval-images 10000 --eval-lengths 20 25)
 
 # The LocRNN paper's runs (one GPU): LocRNN, ConvGRU, R-ResNet-36, ResNet-36 on medium mazes, tested on small,
 # medium and large at t = 1..3T; LocRNN with the LCP (c-bptt, and c-rbp at T = 30); LocRNN on PF-14 cls, tested

@@ -34,6 +34,8 @@ _PF14 = dict(task="pathfinder", length=14, model="hgru", batch_size=32, lr=1e-3,
              eval_lengths=[20, 25], eval_every=100_000, eval_steps=40, fast=True)  # final report: 10k images, PF-20/25
 REPRODUCE = {"pf14-crbp": dict(algo="c-rbp", steps=20, neumann_steps=15, mu=0.9, penalty_weight=10.0),
              "pf14-bptt": dict(algo="bptt", steps=6), "pf14-cbptt": dict(algo="c-bptt", steps=6, penalty_weight=10.0),
+             "pf14-rbp": dict(algo="rbp", steps=20, neumann_steps=20),  # RBP without the LCP (the paper: K = 20)
+             "pf14-ff6": dict(model="ff", algo="bptt", steps=None),  # the 6-layer 15 x 15 CNN control
              # the paper's effective batch: 128 images a step, BatchNorm statistics per 32 (its 4 GPUs), on one GPU
              "pf14-crbp-b128": dict(algo="c-rbp", steps=20, neumann_steps=15, mu=0.9, penalty_weight=10.0,
                                     batch_size=128, bn_group=32)}
