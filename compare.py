@@ -57,7 +57,8 @@ def runs_table(run_dirs):
         if rep:
             knob = str(getattr(cfg, task.knob))
             curve = rep["per_step"].get(knob, [])
-            shown = [t for t in paper.get("per_step", {}) if t <= len(curve)] or sorted({1, cfg.steps, len(curve)})
+            shown = ([t for t in paper.get("per_step", {}) if t <= len(curve)]
+                     or sorted({t for t in (1, cfg.steps, len(curve)) if t <= len(curve)}))
             cells[0] = f"{task.curve} " + ref(rep["final"][task.curve], paper.get("at_T"))
             cells[1] = ", ".join(f"{t}: " + ref(curve[t - 1], paper.get("per_step", {}).get(t)) for t in shown)
             cells[2] = ", ".join(f"{task.knob} {n}: " + ref(max(c), paper.get("peak", {}).get(int(n)))
@@ -65,7 +66,7 @@ def runs_table(run_dirs):
             if rep.get("drift_median") is not None:
                 cells[3] = f"{rep['drift_median']:.3g}"
         space = os.path.join(run, "state_space.json")
-        if os.path.isfile(space):
+        if os.path.isfile(space) and json.load(open(space))["distance"]:  # a feedforward run has no state to drift
             drifts[f"{name} ({cfg.algo})"] = json.load(open(space))["distance"]
         lines.append(f"| {name} ({cfg.model} {cfg.algo}, T={cfg.steps}) | {seen:,} of {cfg.images:,} | {reached} | "
                      + " | ".join(cells) + f" | {checks} |")

@@ -210,6 +210,8 @@ def state_space(pooled, N, k=2):
 def ks_2samp(a, b):
     """Two-sample Kolmogorov-Smirnov test: (D, p). p from the asymptotic Kolmogorov distribution with
     Stephens' small-sample correction (Numerical Recipes' probks), good for n*m/(n+m) >= ~4."""
+    if not (len(a) and len(b)):
+        raise ValueError(f"ks_2samp needs two non-empty samples, got {len(a)} and {len(b)} values")
     a, b = (torch.as_tensor(s, dtype=torch.float64).sort().values for s in (a, b))
     x = torch.cat([a, b])
     cdf_a = torch.searchsorted(a, x, right=True) / len(a)

@@ -83,6 +83,8 @@ def test_ks_statistic_by_hand_and_kolmogorov_critical_values():
     assert abs(report.kolmogorov_q(1.3581) - 0.05) < 1e-4 and abs(report.kolmogorov_q(1.6276) - 0.01) < 1e-4
     far = report.ks_2samp(torch.arange(50.0), torch.arange(50.0) + 100)
     assert far[0] == 1.0 and far[1] < 1e-6
+    with pytest.raises(ValueError, match="two non-empty samples"):
+        report.ks_2samp([], [1.0, 2.0])
 
 
 # ---- figures ---------------------------------------------------------------------------------------
@@ -507,6 +509,10 @@ def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(
     ff.mkdir()
     (ff / "config.json").write_text(json.dumps({**cfg, "model": "resnet", "algo": "bptt", "steps": 1}))
     (ff / "report.json").write_text(json.dumps({"final": {"f1": 0.6}, "per_step": {"14": [0.6], "20": [0.4]}}))
+    (ff / "state_space.json").write_text(json.dumps({"distance": []}))  # as report.full writes it: no state
+    rows = compare.runs_table([str(tmp_path / "c-rbp"), str(ff)]).splitlines()  # no KS test with an empty sample
+    assert rows[3].startswith("| resnet (resnet bptt, T=1) | 0 of 400,000 | – | f1 0.600 | 1: 0.600 |")
+    assert not any(line.startswith("State-space drift") for line in rows)
     compare.extrapolation_figure(str(tmp_path / "c-rbp"), tmp_path / "e.svg", [str(ff)])
     svg = ET.parse(tmp_path / "e.svg").getroot()
     assert len(shapes("polyline")) == 4 and len(shapes("circle")) == 1  # PF-14, PF-20, two dotted; T circled
