@@ -312,9 +312,10 @@ class StepVJP:
     """vjp(h, x, v) for crbp.run: v^T dF/dh, reusing the Jacobian factors of the last (h, x) it saw.
 
     The Neumann series asks for K VJPs at the same h_{T-1}: the step's forward (two of its four
-    convolutions) runs once per run, not once per term. And step(h, x), as crbp's taped last step of rbp,
-    runs that step by linearize: the LCP's vjp at the same (h, x) then trains through those factors, so
-    the step's forward and backward run once, not once for the cell and again for the LCP. Make one per
+    convolutions) runs once per run, not once per term. And step(h, x), as crbp's taped last step (models.py
+    makes it so for rbp and the c- algos), runs that step by linearize: the LCP's vjp at the same (h, x) then
+    trains through those factors, so the step's forward and backward run once, not once for the cell and
+    again for the LCP. Make one per
     run (it holds that run's factors). linearize(h, x) -> (h_next, factors) and adjoint(factors, v) ->
     v^T J, e.g. compiled."""
 
