@@ -315,9 +315,8 @@ class StepVJP:
     convolutions) runs once per run, not once per term. And step(h, x), as crbp's taped last step (models.py
     makes it so for rbp and the c- algos), runs that step by linearize: the LCP's vjp at the same (h, x) then
     trains through those factors, so the step's forward and backward run once, not once for the cell and
-    again for the LCP. Make one per
-    run (it holds that run's factors). linearize(h, x) -> (h_next, factors) and adjoint(factors, v) ->
-    v^T J, e.g. compiled."""
+    again for the LCP. Make one per run (it holds that run's factors). linearize(h, x) -> (h_next, factors)
+    and adjoint(factors, v) -> v^T J, e.g. compiled."""
 
     def __init__(self, linearize, adjoint):
         self.linearize, self.adjoint = linearize, adjoint
