@@ -161,16 +161,20 @@ def profile(args, device, fast, batch=32, T=20, K=15):
                                functools.partial(model.compiled["adjoint"], **extra))
         lcp = lambda: (vjp(hp, x, torch.ones_like(x)) - 0.9).clamp(min=0).square().mean()  # noqa: E731
         term = lambda: _no_grad(lambda: vjp(h, x, x))  # noqa: E731
+        # as trained: h_T by linearize, then the LCP through its factors, one backward for both
+        last = lambda: (vjp.step(hp, x).sum() + lcp()).backward()  # noqa: E731
     else:  # autograd, as crbp does without vjp: double backward for the LCP, the taped step's backward per term
         lcp = lambda: crbp.lcp(cell(hp, x), hp, 0.9)  # noqa: E731
         h_next = cell(hp, x)
         term = lambda: torch.autograd.grad(h_next, hp, x, retain_graph=True)  # noqa: E731
+        last = lambda: (cell(hp, x).sum() + lcp()).backward()  # noqa: E731
     phases = [(f"render {RENDER_CHUNK} images (data.pathfinder)",
                lambda: data.pathfinder(RENDER_CHUNK, 14, device=device, seed=1)),
               ("one step, no grad", lambda: _no_grad(lambda: cell(h, x))),
               (f"forward, {T} steps, no grad", lambda: _no_grad(lambda: model(images, steps=T, algo="bptt"))),
               ("one taped step + its backward", lambda: cell(hp, x).sum().backward()),
               ("the LCP at one transition + its backward", lambda: lcp().backward()),
+              ("the last step and the LCP, one backward (as trained)", last),
               (f"one Neumann term v^T J (K={K} a step)", term),
               ("training step c-rbp, K=0 (LCP, no Neumann terms)", trainer(model, sample, "c-rbp", T, 0)),
               (f"training step c-rbp, K={K}", trainer(model, sample, "c-rbp", T, K))]

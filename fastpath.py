@@ -340,12 +340,16 @@ class StepVJP:
 
     def __call__(self, h, x, v):
         same = self._key_of(h, x) == self._key
-        if torch.is_grad_enabled() and not (same and self._taped is not None):
-            factors = self.linearize(h, x)[1]  # with grad: the LCP trains through them
-            self._keep(h, x, factors, taped=True)
-        elif not same:
-            self._keep(h, x, self.linearize(h, x)[1], taped=False)
-        factors = self._taped if torch.is_grad_enabled() else self._factors
+        if torch.is_grad_enabled():  # the LCP: it trains through the factors
+            if same and self._taped is not None:
+                factors, self._taped = self._taped, None  # step()'s, once: a backward frees their graph
+            else:
+                factors = self.linearize(h, x)[1]
+                self._keep(h, x, factors, taped=False)
+        else:  # a Neumann term
+            if not same:
+                self._keep(h, x, self.linearize(h, x)[1], taped=False)
+            factors = self._factors
         return self.adjoint(factors, v)
 
 

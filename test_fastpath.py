@@ -150,6 +150,7 @@ def test_step_vjp_step_keeps_its_factors_on_the_tape_for_the_lcp():
     with torch.no_grad():
         term = vjp(leaf.detach(), z, ones * 2)
     assert len(calls) == 1 and torch.allclose(term, cell.vjp(h, z, ones * 2))
+    assert vjp(leaf, z, ones).requires_grad and len(calls) == 2  # step's taped factors serve one grad call only
     ref_leaf = h.detach().requires_grad_()  # the reference: the cell on autograd's tape, and its double backward
     h_next = cell(ref_leaf, z)
     u = torch.autograd.grad(h_next, ref_leaf, ones, create_graph=True)[0]
