@@ -135,7 +135,10 @@ if __name__ == "__main__":
     ap.add_argument("--extrapolation", metavar="DIR", help="also draw each finished recurrent run's curves on every "
                     "test set, feedforward runs as dotted lines: DIR/extrapolation_<run>.svg")
     args = ap.parse_args()
-    print(runs_table(args.runs))
+    try:
+        print(runs_table(args.runs))
+    except ValueError as e:  # not a run directory
+        ap.error(str(e))
     done = [run for run in args.runs if os.path.isfile(os.path.join(run, "report.json"))]
     if args.figure:
         runs_figure(done, args.figure)
