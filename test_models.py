@@ -327,6 +327,24 @@ def test_per_step_matches_t_steps(name, task):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Saved models
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_save_and_load_give_the_same_model_with_cpu_weights(tmp_path, device):
+    """models.save writes the build() call (algo included: model.algo is what it trained with) and the
+    weights on the CPU, so that a file made on a GPU loads anywhere; load gives the same model in eval mode."""
+    torch.manual_seed(0)
+    model = models.build("convgru", "mazes", channels=4, kernel=3, steps=2, algo="c-bptt").to(device)
+    models.save(model, tmp_path / "m.pt")
+    saved = torch.load(tmp_path / "m.pt", weights_only=True)  # no map_location: CPU tensors
+    assert all(v.device.type == "cpu" for v in saved["model"].values())
+    loaded = models.load(str(tmp_path / "m.pt"))
+    assert not loaded.training and (loaded.algo, loaded.steps) == ("c-bptt", 2)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Bad input
 
 
