@@ -266,6 +266,8 @@ def check_args(parser, args):
             parser.error(f"--grid / --eval-lengths must be odd, >= 3 and fit --canvas {args.canvas} "
                          f"(a grid-n maze is 2n+6 px), got {n}")
     check_device(parser, args.device)
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} is torch.compile's mode: pass --compile (or --fast) too")
     if args.mix == "triton" and (args.conv != "fft" or args.device == "cpu" or not torch.cuda.is_available()
                                  or fastpath.triton is None):
         parser.error("--mix triton is the fast path's channel mix on a CUDA GPU: pass --fast (or --conv fft) on a "
