@@ -114,7 +114,7 @@ def trainer(model, batch, algo, T, K, stats=None):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step():
-        if COMPILE_MODE in ("reduce-overhead", "max-autotune"):  # CUDA graphs: a new training step, as train.py
+        if COMPILE_MODE in fastpath.GRAPH_MODES:  # CUDA graphs: a new training step, as train.py marks it
             torch.compiler.cudagraph_mark_step_begin()
         loss, out = loss_of(model, batch, algo, T, K)
         opt.zero_grad(set_to_none=True)
@@ -208,7 +208,7 @@ def mix_bench(device, warmup, repeats):
                 print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
                 continue
             rows.append((f"{name} (error {err:.0e})", fn))
-    Y, w = ref.contiguous(), torch.randn(25, 25, 15, 15, device=device)
+    Y, w = ref, torch.randn(25, 25, 15, 15, device=device)  # ref: a contiguous spectrum
     rows += [("parts of fft_conv's floor: rfft2 of x (zero-padded)", lambda: torch.fft.rfft2(x, s=size)),
              ("  irfft2 of a contiguous spectrum (with its copy: c2r overwrites its input)",
               lambda: torch.fft.irfft2(Y, s=size)),

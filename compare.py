@@ -51,8 +51,7 @@ def runs_table(run_dirs):
         when = lambda r: f"{short(r['images'])}" + (f" ({r['minutes']:.0f} min)" if "minutes" in r else "")
         reached = next((when(r) for r in checks if r["eval"][task.curve] >= TARGET), "–")  # time to accuracy
         checks = ", ".join(when(r) + f": {r['eval'][task.metric]:.3f} / {r['eval'][task.curve]:.3f}" for r in kept)
-        path = os.path.join(run, "report.json")
-        rep = json.load(open(path)) if os.path.isfile(path) else None
+        rep = _report(run) if os.path.isfile(os.path.join(run, "report.json")) else None
         cells = ["(training)", "", "", ""]
         if rep:
             knob = str(getattr(cfg, task.knob))
@@ -66,8 +65,9 @@ def runs_table(run_dirs):
             if rep.get("drift_median") is not None:
                 cells[3] = f"{rep['drift_median']:.3g}"
         space = os.path.join(run, "state_space.json")
-        if os.path.isfile(space) and json.load(open(space))["distance"]:  # a feedforward run has no state to drift
-            drifts[f"{name} ({cfg.algo})"] = json.load(open(space))["distance"]
+        distance = json.load(open(space))["distance"] if os.path.isfile(space) else []
+        if distance:  # a feedforward run has no state to drift
+            drifts[f"{name} ({cfg.algo})"] = distance
         lines.append(f"| {name} ({cfg.model} {cfg.algo}, T={cfg.steps}) | {seen:,} of {cfg.images:,} | {reached} | "
                      + " | ".join(cells) + f" | {checks} |")
     if any(paper_numbers(report.load_config(run)) for run in run_dirs):
@@ -105,17 +105,17 @@ def extrapolation_figure(run, path, baselines=()):
     cfg, rep = report.load_config(run), _report(run)
     task = report.TASKS[cfg.task]
     series, dots, colors, dashed = {}, set(), {}, set()
+    bases = [(report.load_config(base).model, _report(base)["per_step"]) for base in baselines]
     for i, (n, curve) in enumerate(sorted(rep["per_step"].items(), key=lambda kv: int(kv[0]))):
         name = f"{task.knob} {n}" + (" (trained)" if int(n) == getattr(cfg, task.knob) else "")
         series[name], colors[name] = (list(range(1, len(curve) + 1)), curve), i
         if int(n) == getattr(cfg, task.knob) and cfg.steps <= len(curve):
             series[f"T = {cfg.steps}"], colors[f"T = {cfg.steps}"] = ([cfg.steps], [curve[cfg.steps - 1]]), i
             dots.add(f"T = {cfg.steps}")
-        for base in baselines:  # a feedforward run: one score per test set, drawn across the steps
-            bcfg, brep = report.load_config(base), _report(base)
-            if n in brep["per_step"]:
-                label = f"{bcfg.model} {task.knob} {n}"
-                series[label], colors[label] = ([1, len(curve)], [brep["per_step"][n][0]] * 2), i
+        for model, scores in bases:  # a feedforward run: one score per test set, drawn across the steps
+            if n in scores:
+                label = f"{model} {task.knob} {n}"
+                series[label], colors[label] = ([1, len(curve)], [scores[n][0]] * 2), i
                 dashed.add(label)
     figures.svg_plot(path, series, "step t", task.curve, f"{cfg.model} {cfg.algo}, trained at T = {cfg.steps} on "
                      f"{task.knob} {getattr(cfg, task.knob)}", points=dots, colors=colors, dashed=dashed)

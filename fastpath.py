@@ -28,6 +28,7 @@ try:  # optional: the channel mix as one kernel (MIX = "triton"); CUDA builds of
 except ImportError:
     triton = None
 
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 MIX = "matmul"  # the per-frequency channel mix of fft_conv on CUDA: "matmul" (permute + batched matmul) or "triton"
 
 
@@ -361,15 +362,14 @@ def compile(fn, **options):
     if hasattr(aot_config, "donated_buffer"):
         aot_config.donated_buffer = False
     compiled = torch.compile(fn, **{"dynamic": False, **options})
-    if options.get("mode") not in ("reduce-overhead", "max-autotune"):
+    if options.get("mode") not in GRAPH_MODES:
         return compiled
 
     # Under CUDA graphs a call's outputs live in the graph's memory and the next replay overwrites them, but
     # crbp.run keeps h_{t-1} beside h_t and StepVJP keeps the Jacobian factors: each call's outputs are
     # copied out (one pass over each output, small beside a step's two FFT convolutions).
     def graphed(*args, **kwargs):
-        out = compiled(*args, **kwargs)
-        return out.clone() if isinstance(out, torch.Tensor) else torch.utils._pytree.tree_map(_clone, out)
+        return torch.utils._pytree.tree_map(_clone, compiled(*args, **kwargs))  # a tensor, or a tuple of them
     return graphed
 
 
