@@ -188,40 +188,24 @@ def profile(args, device, fast, batch=32, T=20, K=15):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile_rows, max_name_column_width=60))
 
 
-def mix_bench(device, warmup, repeats):
-    """fft_conv at the paper's shape (32 x 25 x 150 x 150, 15 x 15 kernel) with each channel mix, and the
-    Triton mix kernel alone at several block sizes (fastpath.MIX, issue 11): ms per call."""
-    x = torch.randn(32, 25, 150, 150, device=device)
+def conv_parts(device, warmup, repeats):
+    """fft_conv at the paper's shape (32 x 25 x 150 x 150, 15 x 15 kernel) and its parts, against cuDNN's
+    direct convolution: ms per call. The parts bound what a faster channel mix could gain."""
+    x, w = torch.randn(32, 25, 150, 150, device=device), torch.randn(25, 25, 15, 15, device=device)
     size = tuple(fastpath.fft_size(n, 7) for n in x.shape[-2:])
-    w_hat = fastpath.kernel_spectrum(torch.randn(25, 25, 15, 15, device=device), size)
-    X = torch.fft.rfft2(x, s=size)
-    matmul = lambda: (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous()  # noqa: E731
-    rows, ref = [("mix: permute + matmul (+ the copy irfft2 makes)", matmul)], matmul()
-    for pairs in (False, True):  # the real and imaginary parts as two strided reads, or as rows of pairs
-        for bf, bb, prec, nw in ((4, 32, "ieee", 4), (2, 32, "ieee", 4), (8, 32, "ieee", 4), (8, 32, "ieee", 8),
-                                 (4, 16, "ieee", 4), (4, 32, "tf32x3", 4), (8, 32, "tf32x3", 4), (16, 32, "tf32x3", 8)):
-            fn = lambda a=(bf, bb, prec, nw, pairs): fastpath.mix(X, w_hat, *a)  # noqa: E731
-            name = f"mix: triton, {bf} freqs x batch {bb}, {prec}, {nw} warps{', pairs' if pairs else ''}"
-            try:  # a block that this triton cannot compile is reported, and the sweep goes on
-                err = (fn() - ref).abs().max() / ref.abs().max()
-            except Exception as e:
-                print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
-                continue
-            rows.append((f"{name} (error {err:.0e})", fn))
-    Y, w = ref, torch.randn(25, 25, 15, 15, device=device)  # ref: a contiguous spectrum
-    rows += [("parts of fft_conv's floor: rfft2 of x (zero-padded)", lambda: torch.fft.rfft2(x, s=size)),
-             ("  irfft2 of a contiguous spectrum (with its copy: c2r overwrites its input)",
-              lambda: torch.fft.irfft2(Y, s=size)),
-             ("  one pass over a state tensor (copy)", lambda: x.clone()),
-             ("F.conv2d, 15 x 15 (cuDNN)", lambda: torch.nn.functional.conv2d(x, w, padding=7))]
-    for mode in ("matmul", "triton"):
-        rows.append((f"fft_conv, MIX={mode}", lambda mode=mode: (setattr(fastpath, "MIX", mode),
-                                                                fastpath.fft_conv(x, w_hat, size))))
-    print(f"\nthe channel mix at 32 x 25 x {size[0]} x {size[1] // 2 + 1} frequencies (error: max |triton - matmul| "
-          "/ max |matmul|); ms per call")
+    w_hat, X = fastpath.kernel_spectrum(w, size), torch.fft.rfft2(x, s=size)
+    Y = (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous()
+    rows = [("fft_conv (rfft2, channel mix, irfft2)", lambda: fastpath.fft_conv(x, w_hat, size)),
+            ("  rfft2 of x (zero-padded)", lambda: torch.fft.rfft2(x, s=size)),
+            ("  the channel mix: permute + batched matmul (+ the copy irfft2 makes)",
+             lambda: (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous()),
+            ("  irfft2 of a contiguous spectrum (with its copy: c2r overwrites its input)",
+             lambda: torch.fft.irfft2(Y, s=size)),
+            ("one pass over a state tensor (copy)", lambda: x.clone()),
+            ("F.conv2d, 15 x 15 (cuDNN)", lambda: torch.nn.functional.conv2d(x, w, padding=7))]
+    print(f"\nfft_conv at 32 x 25 x 150 x 150 (FFT grid {size[0]} x {size[1]}); ms per call")
     for name, fn in rows:
         print(f"  {name:<72}{cuda_ms(fn, warmup, repeats):9.3f}", flush=True)
-    fastpath.MIX = "matmul"
 
 
 def _no_grad(fn):
@@ -283,9 +267,7 @@ def main():
     p.add_argument("--no-grad-err", dest="grad_err", action="store_false", help="skip the gradient check")
     p.add_argument("--profile", action="store_true", help="time each phase of a C-RBP step and list the top kernels")
     p.add_argument("--profile-rows", type=int, default=15)
-    p.add_argument("--mix", default="matmul", choices=("matmul", "triton"),
-                   help="the fast path's channel mix (fastpath.MIX): permute + batched matmul, or one Triton kernel")
-    p.add_argument("--mix-bench", action="store_true", help="time the channel mixes and the Triton kernel's blocks")
+    p.add_argument("--conv-parts", action="store_true", help="time fft_conv's parts against cuDNN's conv, and exit")
     p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile mode of the fast path's cell and VJP (reduce-overhead replays CUDA graphs)")
     p.add_argument("--out", default="results", help="folder for bench_<gpu>.json")
@@ -311,9 +293,8 @@ def main():
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}; median of {args.repeats} steps after {args.warmup} warm-up steps, "
           f"plus each batch's share of rendering {RENDER_CHUNK} images", flush=True)
-    fastpath.MIX = args.mix
-    if args.mix_bench:
-        return mix_bench(device, args.warmup, args.repeats)
+    if args.conv_parts:
+        return conv_parts(device, args.warmup, args.repeats)
     if args.profile:
         for path in args.paths:
             profile(args, device, path == "fast")
@@ -330,7 +311,7 @@ def main():
                   f"{records[-1]['peak_gib']:.2f} GiB", flush=True)
             text = table(records)  # written after every record, so that a cut-off run keeps what it measured
             with open(name, "w") as f:
-                json.dump(dict(gpu=gpu, torch=torch.__version__, mix=args.mix, compile_mode=args.compile_mode,
+                json.dump(dict(gpu=gpu, torch=torch.__version__, compile_mode=args.compile_mode,
                                render_ms=render_ms, repeats=args.repeats, warmup=args.warmup,
                                paper_code_h200=[dict(algo=a, T=T, batch=b, img_s=v[0], peak_gib=v[1])
                                                 for (a, T, b), v in PAPER_H200.items()], records=records), f,

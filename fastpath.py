@@ -7,7 +7,6 @@ and test_fastpath.py checks each against it in float64.
     h_next  = cell(h, z, spectra=spectra)             # a step through fft_conv
     v_J     = vjp_h(cell, h, z, v, spectra)           # v^T dF(h, z)/dh, an ordinary forward computation
     vjp     = StepVJP(cell.linearize, cell.adjoint)   # the same, with the step's Jacobian factors reused
-    fastpath.MIX = "triton"                           # fft_conv's channel mix as one Triton kernel (CUDA)
 
 Why an explicit VJP: crbp's Neumann series needs v^T J (J = dF/dh at h_{T-1}) K times, and the LCP needs
 1^T J once, trained through. Autograd gets v^T J by running the step's whole backward (every parameter
@@ -15,21 +14,12 @@ gradient included, thrown away), and the LCP by a double backward. Written out, 
 elementwise products, two BatchNorm adjoints and two adjoint convolutions: cheap, compilable, and its
 first-order backward trains the LCP. This module imports only torch.
 """
-import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # triton's CPU interpreter: the tests run the kernel there
-try:  # optional: the channel mix as one kernel (MIX = "triton"); CUDA builds of torch ship triton
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
-MIX = "matmul"  # the per-frequency channel mix of fft_conv on CUDA: "matmul" (permute + batched matmul) or "triton"
 
 
 def at_least_fp32(z):
@@ -118,87 +108,8 @@ def _fft_correlate(x, w_hat, size):
     H, W = x.shape[-2:]
     X = torch.fft.rfft2(at_least_fp32(x), s=size)  # B x C x n x m', x zero-padded
     #   Y(f) = X(f) W^(f): a C x O complex matrix product at every frequency f
-    if MIX == "triton" and X.dtype == torch.complex64 and (X.is_cuda or _INTERPRET):
-        Y = mix(X, w_hat)  # B x O x n x m', read and written in cuFFT's layout: no permute copies
-    else:
-        Y = (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1)  # a view: irfft2 copies it once, as c2r must
+    Y = (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1)  # a view: irfft2 copies it once, as c2r must
     return torch.fft.irfft2(Y, s=size)[..., :H, :W]
-
-
-@torch.compiler.disable  # a kernel launch of its own: compiled code around it runs as before
-def mix(X, w_hat, block_f=4, block_b=32, precision="ieee", num_warps=4, pairs=False):
-    """Y[b, o, f] = sum_c X[b, c, f] W^[f, c, o] by one Triton kernel: X (B x C x n x m', complex64, as rfft2
-    returns it), w_hat (n x m' x C x O with the last two dims contiguous or transposed, possibly a conjugate
-    view: kernel_spectrum's layout or the adjoint's W^H view) -> B x O x n x m', the layout irfft2 reads.
-    Each program multiplies a block of frequencies as a batch of (B x C) @ (C x O) real matrix products
-    (tl.dot on 3-d blocks; precision "ieee" is fp32 FMA, "tf32x3" tensor cores at about fp32 accuracy).
-    pairs=True reads X and writes Y as contiguous rows of (re, im) pairs and splits them in registers,
-    instead of loading the real and imaginary parts as two strided reads."""
-    if triton is None:
-        raise RuntimeError("fastpath.mix needs triton (pip install triton, or a CUDA build of torch)")
-    B, C, n, m = X.shape
-    conj = w_hat.is_conj()
-    w = (w_hat.conj() if conj else w_hat).flatten(0, 1)  # F x C x O: the same memory, a view in both layouts
-    O, Xc, Y = w.shape[-1], X.contiguous(), X.new_empty(B, w.shape[-1], n, m)
-    xr, wr, yr = (torch.view_as_real(t) for t in (Xc, w, Y))
-    bb = min(block_b, max(16, triton.next_power_of_2(B)))  # tl.dot wants every matrix dimension >= 16
-    bc, bo = (min(64, max(16, triton.next_power_of_2(k))) for k in (C, O))
-    grid = (triton.cdiv(n * m, block_f), triton.cdiv(B, bb), triton.cdiv(O, bo))
-    _mix_kernel[grid](xr, wr, yr, B, C, O, n * m, *wr.stride()[:3], CONJ=conj, BF=block_f, BB=bb, BC=bc, BO=bo,
-                      PRECISION=precision, PAIRS=pairs, num_warps=num_warps)
-    return Y
-
-
-if triton is not None:
-    @triton.jit
-    def _mix_kernel(x_ptr, w_ptr, y_ptr, B, C, O, F, swf, swc, swo, CONJ: tl.constexpr, BF: tl.constexpr,
-                    BB: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr, PRECISION: tl.constexpr,
-                    PAIRS: tl.constexpr):
-        # floats: X (B, C, F, 2) contiguous, W (F, C, O, 2) with strides (swf, swc, swo, 1), Y (B, O, F, 2)
-        f = (tl.program_id(0) * BF + tl.arange(0, BF))[:, None, None]  # (BF, 1, 1)
-        b = (tl.program_id(1) * BB + tl.arange(0, BB))[None, :, None]  # (1, BB, 1)
-        o = (tl.program_id(2) * BO + tl.arange(0, BO))[None, None, :]  # (1, 1, BO)
-        acc_r = tl.zeros((BF, BB, BO), dtype=tl.float32)
-        acc_i = tl.zeros((BF, BB, BO), dtype=tl.float32)
-        for c0 in range(0, C, BC):
-            cx = c0 + tl.arange(0, BC)[None, None, :]  # X's columns (BF, BB, BC)
-            cw = c0 + tl.arange(0, BC)[None, :, None]  # W's rows (BF, BC, BO)
-            if PAIRS:  # rows of BF (re, im) pairs, (BB, BC, 2 BF), split and moved to (BF, BB, BC)
-                k = tl.arange(0, 2 * BF)[None, None, :]
-                row_b, row_c = b.reshape(BB, 1, 1), cx.reshape(1, BC, 1)
-                rows = ((row_b * C + row_c) * F + tl.program_id(0) * BF) * 2 + k
-                row_mask = (row_b < B) & (row_c < C) & (tl.program_id(0) * BF + k // 2 < F)
-                pair = tl.load(x_ptr + rows, mask=row_mask, other=0.0).reshape(BB, BC, BF, 2)
-                x_re, x_im = tl.split(pair)
-                x_re, x_im = tl.permute(x_re, (2, 0, 1)), tl.permute(x_im, (2, 0, 1))
-            else:
-                x_off = ((b * C + cx) * F + f) * 2
-                x_mask = (f < F) & (b < B) & (cx < C)
-                x_re = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
-                x_im = tl.load(x_ptr + x_off + 1, mask=x_mask, other=0.0)
-            w_off = f * swf + cw * swc + o * swo
-            w_mask = (f < F) & (cw < C) & (o < O)
-            w_re = tl.load(w_ptr + w_off, mask=w_mask, other=0.0)
-            w_im = tl.load(w_ptr + w_off + 1, mask=w_mask, other=0.0)
-            if CONJ:
-                w_im = -w_im
-            #   (X_re + i X_im)(W_re + i W_im) = (X_re W_re - X_im W_im) + i (X_re W_im + X_im W_re)
-            acc_r = tl.dot(x_re, w_re, acc_r, input_precision=PRECISION)
-            acc_r = tl.dot(-x_im, w_im, acc_r, input_precision=PRECISION)
-            acc_i = tl.dot(x_re, w_im, acc_i, input_precision=PRECISION)
-            acc_i = tl.dot(x_im, w_re, acc_i, input_precision=PRECISION)
-        if PAIRS:  # (BF, BB, BO) -> rows of (re, im) pairs (BB, BO, 2 BF)
-            k = tl.arange(0, 2 * BF)[None, None, :]
-            row_b, row_o = b.reshape(BB, 1, 1), o.reshape(1, BO, 1)
-            rows = ((row_b * O + row_o) * F + tl.program_id(0) * BF) * 2 + k
-            row_mask = (row_b < B) & (row_o < O) & (tl.program_id(0) * BF + k // 2 < F)
-            pair = tl.join(tl.permute(acc_r, (1, 2, 0)), tl.permute(acc_i, (1, 2, 0)))  # (BB, BO, BF, 2)
-            tl.store(y_ptr + rows, pair.reshape(BB, BO, 2 * BF), mask=row_mask)
-        else:
-            y_off = ((b * O + o) * F + f) * 2
-            y_mask = (f < F) & (b < B) & (o < O)
-            tl.store(y_ptr + y_off, acc_r, mask=y_mask)
-            tl.store(y_ptr + y_off + 1, acc_i, mask=y_mask)
 
 
 class Spectra(NamedTuple):

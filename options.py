@@ -12,7 +12,6 @@ import os
 import torch
 
 import crbp
-import fastpath
 import models
 import report
 
@@ -61,7 +60,7 @@ DRY_RUN = dict(images=8, batch_size=4, bn_group=None, eval_images=4, eval_every=
                length=6, steps=3, neumann_steps=3, kernel=3, out=None)
 # options a --resume or --report may change: where it runs, when it stops, how it is evaluated (not what is trained)
 RESUMABLE = {"until", "until_minutes", "device", "eval_images", "eval_batch_size", "eval_every", "eval_steps",
-             "eval_lengths", "compile", "conv", "fast", "mix", "compile_mode"}
+             "eval_lengths", "compile", "conv", "fast", "compile_mode"}
 MODES = ("resume", "report", "eval", "ks")  # what train.py does instead of a new run; not saved in config.json
 NOT_SAVED = set(MODES) | {"until", "until_minutes", "preset", "halt"}
 
@@ -131,9 +130,6 @@ def get_parser(description=None):
     a("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
       help="with --compile/--fast: torch.compile's mode; reduce-overhead replays CUDA graphs, for small, "
            "launch-bound cells such as the mazes' (each call's outputs are then copied out of the graph)")
-    a("--mix", default="matmul", choices=("matmul", "triton"),
-      help="with --fast on a GPU: the FFT convolutions' channel mix as permute + batched matmul, or as one Triton "
-           "kernel on cuFFT's layout (fastpath.MIX; the same function)")
     a("--seed", type=int, default=0, help="seed of the weights and of the training and test data streams")
     a("--device", default="auto", help="auto (cuda if available), cuda, cuda:1 or cpu")
     a("--out", default=None, help="run directory (default runs/<task>-<model>-<algo>; --dry-run: a temporary one)")
@@ -268,10 +264,6 @@ def check_args(parser, args):
     check_device(parser, args.device)
     if args.compile_mode != "default" and not args.compile:
         parser.error(f"--compile-mode {args.compile_mode} is torch.compile's mode: pass --compile (or --fast) too")
-    if args.mix == "triton" and (args.conv != "fft" or args.device == "cpu" or not torch.cuda.is_available()
-                                 or fastpath.triton is None):
-        parser.error("--mix triton is the fast path's channel mix on a CUDA GPU: pass --fast (or --conv fft) on a "
-                     "machine with CUDA and triton")
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets it
     if world > 1 and (args.report or args.eval):
         mode = "report" if args.report else "eval"

@@ -2,9 +2,6 @@
 explicit VJP against autograd, the LCP through it against crbp.lcp's double backward, and the whole fast
 model against the plain one. The CUDA test compares the compiled fast path with the plain float32 path."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -271,39 +268,3 @@ def test_bench_mazes_row_trains_on_the_cpu_and_has_no_paper_column(monkeypatch, 
     assert lines[2].split()[:4] == ["locrnn", "bptt", "T=15", "256"] and "3.00" in lines[2] and lines[2].endswith("-")
 
 
-MIX_CHECK = """
-import torch, fastpath
-interpret = fastpath._INTERPRET
-device = "cpu" if interpret or not torch.cuda.is_available() else "cuda"
-torch.manual_seed(0)
-for B, C, O in ((3, 4, 5), (33, 25, 25), (2, 70, 66)):  # batch, channels above the kernel's blocks
-    x = torch.randn(B, C, 9, 11, device=device, requires_grad=True)
-    w = torch.randn(O, C, 5, 5, device=device, requires_grad=True)
-    size = tuple(fastpath.fft_size(n, 2) for n in x.shape[-2:])
-    out = []
-    for mode in ("matmul", "triton"):
-        fastpath.MIX = mode
-        y = fastpath.fft_conv(x, fastpath.kernel_spectrum(w, size), size)  # the backward's W^H is a conj view
-        out.append((y, *torch.autograd.grad((y * y).sum(), (x, w))))
-    for a, b in zip(*out):
-        assert ((a - b).abs().max() / a.abs().max()).item() < 1e-5, ((a - b).abs().max(), a.abs().max())
-    X, w_hat = torch.fft.rfft2(x.detach(), s=size), fastpath.kernel_spectrum(w.detach(), size)
-    for v in (w_hat, w_hat.conj().transpose(-1, -2)):  # the kernel's spectrum, and the adjoint's view of it
-        X = X if v is w_hat else torch.fft.rfft2(torch.randn(B, O, 9, 11, device=device), s=size)
-        ref = (X.permute(2, 3, 0, 1) @ v.resolve_conj()).permute(2, 3, 0, 1)
-        for args in ((4, 32, "ieee", 4, False), (8, 16, "ieee", 4, True), (2, 32, "tf32x3", 4, True)):
-            got = fastpath.mix(X, v, *args)
-            assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5, args
-print("ok")
-"""
-
-
-def test_triton_mix_equals_the_matmul_mix():
-    """fastpath.MIX = "triton": fft_conv's channel mix as one kernel on cuFFT's layout, forward and both
-    gradients against the permute + matmul mix. On a GPU natively, else in triton's CPU interpreter;
-    skipped where triton is not installed."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "0" if torch.cuda.is_available() else "1"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", MIX_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -277,7 +277,6 @@ BAD = [
     (["--halt", "1e-3"], "--halt is for --eval"),
     (["--distractors", "-1"], "--distractors must be >= 0"),
     (["--bn-group", "3"], "--bn-group must divide the per-rank batch (32)"),
-    (["--mix", "triton", "--device", "cpu"], "--mix triton is the fast path's channel mix on a CUDA GPU"),
     (["--compile-mode", "reduce-overhead"], "pass --compile (or --fast) too"),
 ]
 

@@ -178,7 +178,6 @@ def train(args, device, rank=0, world=1):
         options.get_parser().error(f"--model {args.model}: {e}")
     if args.out is None and main_rank:  # a dry run without --out
         args.out = tempfile.mkdtemp(prefix="crbp-dry-run-")
-    fastpath.MIX = args.mix  # the FFT convolutions' channel mix (the same function either way)
     graphs = args.compile and args.compile_mode in fastpath.GRAPH_MODES  # CUDA graphs: each step marks a replay
     if args.compile and model.recurrent:
         model.compile_cell(**({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
