@@ -112,7 +112,8 @@ def get_parser(description=None):
     a("--eval-batch-size", type=int, default=64,
       help="images per forward in evaluation; the hGRU's BatchNorm uses batch statistics at test time too, over "
            "these (paper 32)")
-    a("--eval-every", type=int, default=20_000, help="images between quick held-out checks (256 images)")
+    a("--eval-every", type=int, default=20_000,
+      help="images between held-out checks (2,048 test images, at most --eval-images)")
     a("--eval-steps", type=int, default=None, help="T of the per-step curve (default 40 Pathfinder, 3T mazes)")
     a("--eval-lengths", type=int, nargs="*", default=None,
       help="also report the per-step curve on these Pathfinder lengths / maze grids (extrapolation)")

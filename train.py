@@ -41,6 +41,8 @@ import models
 import options
 import report
 
+CHECK_IMAGES = 2048  # held-out images per check during training (at most --eval-images); the final report uses all
+
 
 def lr_at(args, it, iters):
     """Linear warmup over --warmup of the iterations, then constant (the paper) or cosine decay to 0."""
@@ -244,7 +246,7 @@ def train(args, device, rank=0, world=1):
 
     progress, t0, seen0 = Progress(iters * args.batch_size, quiet=not main_rank), time.time(), start * args.batch_size
     if start == 0:  # the untrained model's held-out score, so the learning curve starts at 0 images
-        quick, text = held_out(min(256, args.eval_images))  # under torchrun: split over the ranks
+        quick, text = held_out(min(CHECK_IMAGES, args.eval_images))  # under torchrun: split over the ranks
         if main_rank:
             log_jsonl(args.out, {"images": 0, "eval": quick})
             progress.note(f"before training: held-out {text}")
@@ -318,7 +320,7 @@ def train(args, device, rank=0, world=1):
                                      "lr": opt.param_groups[0]["lr"], **(out.stats.as_dict() if out.stats else {})})
             if seen >= next_eval or it == iters:
                 next_eval += args.eval_every
-                quick, text = held_out(min(256, args.eval_images))  # under torchrun: split over the ranks
+                quick, text = held_out(min(CHECK_IMAGES, args.eval_images))  # under torchrun: split over the ranks
                 if main_rank:
                     log_jsonl(args.out, {"images": seen, "minutes": round(minutes(), 2), "eval": quick})
                     progress.note(f"held-out check at {seen:,} images: {text}")
