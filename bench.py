@@ -48,6 +48,7 @@ CONFIGS = ["c-rbp:20:32", "c-bptt:6:32", "bptt:6:32", "c-rbp:80:32", "c-rbp:20:6
 
 MODEL = "hgru"  # --model: hgru on PF-14 (the C-RBP paper), or a LocRNN-paper cell on mazes
 COMPILE_MODE = None  # --compile-mode: torch.compile's mode for the fast path ("reduce-overhead": CUDA graphs)
+AMP = False  # --amp: the training step under bf16 autocast, as train.py --amp
 
 
 def build(device, fast):
@@ -71,9 +72,10 @@ def batch_of(batch, device, seed):
     return images, target.long(), images.amax(1) > 0
 
 
-def loss_of(model, batch, algo, T, K):
+def loss_of(model, batch, algo, T, K, amp=None):
     images, target, free = batch
-    out = model(images, steps=T, algo=algo, neumann_steps=K, mu=0.9)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=AMP if amp is None else amp):
+        out = model(images, steps=T, algo=algo, neumann_steps=K, mu=0.9)
     task = TASKS["pathfinder" if MODEL == "hgru" else "mazes"]
     return task.loss(out.logits, target, free) + (10 * out.penalty if algo.startswith("c-") else 0), out
 
@@ -83,10 +85,10 @@ def grad_error(algo, T, batch, device, fast, K):
     TF32 off), same weights and batch; and whether both Neumann series stopped alike."""
     sample = batch_of(batch, device, 12345)
     grads, terms = [], []
-    for path_fast, tf32 in ((False, False), (fast, True)):
-        torch.backends.cudnn.allow_tf32 = tf32  # the reference without TF32; the path as benchmarked
+    for path_fast, tf32, amp in ((False, False, False), (fast, True, AMP)):
+        torch.backends.cudnn.allow_tf32 = tf32  # the reference without TF32 (nor --amp); the path as benchmarked
         model = build(device, path_fast)
-        loss, out = loss_of(model, sample, algo, T, K)
+        loss, out = loss_of(model, sample, algo, T, K, amp)
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
         terms.append((out.stats.neumann_terms, out.stats.neumann_stop))
     torch.backends.cudnn.allow_tf32 = True
@@ -267,14 +269,16 @@ def main():
     p.add_argument("--no-grad-err", dest="grad_err", action="store_false", help="skip the gradient check")
     p.add_argument("--profile", action="store_true", help="time each phase of a C-RBP step and list the top kernels")
     p.add_argument("--profile-rows", type=int, default=15)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast, as train.py --amp (for the mazes cells: "
+                   "their 64-channel convs run on bf16 tensor cores)")
     p.add_argument("--conv-parts", action="store_true", help="time fft_conv's parts against cuDNN's conv, and exit")
     p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile mode of the fast path's cell and VJP (reduce-overhead replays CUDA graphs)")
     p.add_argument("--out", default="results", help="folder for bench_<gpu>.json")
     p.add_argument("--markdown", metavar="JSON", help="print the README's table from a bench JSON file, and exit")
     args = p.parse_args()
-    global MODEL, COMPILE_MODE
-    MODEL, COMPILE_MODE = args.model, args.compile_mode
+    global MODEL, COMPILE_MODE, AMP
+    MODEL, COMPILE_MODE, AMP = args.model, args.compile_mode, args.amp
     if args.profile and MODEL != "hgru":
         p.error("--profile times the hGRU's phases (its FFT spectra and explicit VJP): use it without --model")
     args.configs = args.configs or (CONFIGS if MODEL == "hgru" else ["bptt:15:256", "c-bptt:15:256", "c-rbp:15:256"])
@@ -292,7 +296,8 @@ def main():
     torch.backends.cudnn.benchmark = True
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}; median of {args.repeats} steps after {args.warmup} warm-up steps, "
-          f"plus each batch's share of rendering {RENDER_CHUNK} images", flush=True)
+          f"plus each batch's share of rendering {RENDER_CHUNK} images" + (", bf16 autocast (--amp)" if AMP else ""),
+          flush=True)
     if args.conv_parts:
         return conv_parts(device, args.warmup, args.repeats)
     if args.profile:
@@ -311,7 +316,7 @@ def main():
                   f"{records[-1]['peak_gib']:.2f} GiB", flush=True)
             text = table(records)  # written after every record, so that a cut-off run keeps what it measured
             with open(name, "w") as f:
-                json.dump(dict(gpu=gpu, torch=torch.__version__, compile_mode=args.compile_mode,
+                json.dump(dict(gpu=gpu, torch=torch.__version__, compile_mode=args.compile_mode, amp=args.amp,
                                render_ms=render_ms, repeats=args.repeats, warmup=args.warmup,
                                paper_code_h200=[dict(algo=a, T=T, batch=b, img_s=v[0], peak_gib=v[1])
                                                 for (a, T, b), v in PAPER_H200.items()], records=records), f,
