@@ -500,13 +500,15 @@ def test_into_torchvision():
 
 def test_experiment_dry_run_writes_the_table(tmp_path, monkeypatch):
     monkeypatch.setattr(TP, "EXPERIMENT", [("conv4", "bptt", 1), ("hgru", "c-rbp", 5)])
-    monkeypatch.setattr(TP, "SEEDS", (0,))
     out = str(tmp_path / "exp")
-    lines = TP.main(["--experiment", "--dry-run", "--out", out])
+    lines = TP.main(["--experiment", "--dry-run", "--seeds", "0", "--out", out])
     assert len(lines) == 4 and lines[2].startswith("| conv4") and lines[3].startswith("| hgru | c-rbp | 5")
+    assert lines[2].endswith("| 1 |")  # one seed so far
     assert os.path.isfile(os.path.join(out, "table.md")) and os.path.isfile(os.path.join(out, "per_step.svg"))
     assert not any(f == "checkpoint.pt" for _, _, files in os.walk(out) for f in files)  # finished: metrics only
-    assert TP.main(["--experiment", "--dry-run", "--out", out]) == lines  # finished runs are not trained again
+    assert TP.main(["--experiment", "--dry-run", "--seeds", "0", "--out", out]) == lines  # not trained again
+    both = TP.main(["--experiment", "--dry-run", "--seeds", "1", "--out", out])  # as a second process would
+    assert all(line.endswith("| 2 |") for line in both[2:])  # the table counts every seed present
 
 
 def test_memory_profile_runs(tmp_path):

@@ -3,7 +3,7 @@
     jitter_boxes, training_loss       the training proposals (jittered GT boxes) and Panoptic FPN's loss
     predict, evaluate                 panoptic predictions and held-out PQ / SQ / RQ, at T or at every t
     train, report                     one run: config, metrics, checkpoints (resumable), figures
-    experiment, summarize             the head comparison over SEEDS, its table and per-step figure
+    experiment, summarize             the head comparison over seeds, its table and per-step figure
     memory_profile, show              peak CUDA memory of a head step against T; a sample sheet of the task
 
     python train_panoptic.py --head hgru --algo c-rbp --steps 20      # train + evaluate one model (GPU)
@@ -16,6 +16,7 @@ At test time the model gets the ground-truth boxes and classes with score 1 (an 
 and SQ_th then measure the masks alone, which is what the heads differ in.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -154,9 +155,12 @@ def get_parser():
     a("--dry-run", action="store_true", help="a few steps at tiny sizes (seconds on a CPU); writes to a "
                                              "temporary directory unless --out is given")
     a("--show", default=None, metavar="PNG", help="write a sample sheet of the task (image, GT, semantic)")
-    a("--experiment", action="store_true", help="train every model of the comparison for 3 seeds under --out "
+    a("--experiment", action="store_true", help="train every model of the comparison for --seeds under --out "
                                                 "(finished runs are skipped, stopped ones resumed), then "
                                                 "write table.md and per_step.svg")
+    a("--seeds", type=int, nargs="+", default=list(SEEDS),
+      help="with --experiment: the seeds to train; one process per seed can run side by side on one GPU "
+           "(--seeds 0 & --seeds 1 & ...; the table counts every seed present)")
     a("--memory", action="store_true", help="peak CUDA memory of one head training step against T at 512 RoIs")
     return p
 
@@ -248,7 +252,7 @@ def train(args):
         if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
             raise SystemExit(f"{args.out} already holds a run: continue it with --resume {args.out}, or pick --out")
         os.makedirs(args.out, exist_ok=True)
-        skip = ("resume", "until_minutes", "show", "experiment", "memory")
+        skip = ("resume", "until_minutes", "show", "experiment", "seeds", "memory")
         json.dump({k: v for k, v in vars(args).items() if k not in skip}, open(os.path.join(args.out, "config.json"),
                                                                                  "w"), indent=1)
     n_head = sum(p.numel() for p in model.mask_head.parameters())
@@ -394,10 +398,10 @@ def memory_profile(args, rois=512):
 
 
 def experiment(args):
-    """Every model of EXPERIMENT for each of SEEDS under args.out, one after the other; finished runs are skipped and
-    stopped ones resumed, so the same command continues an interrupted experiment. Then the table and figure."""
+    """Every model of EXPERIMENT for each of args.seeds under args.out, one after the other; finished runs are skipped
+    and stopped ones resumed, so the same command continues an interrupted experiment. Then the table and figure."""
     deadline = time.time() + 60 * args.until_minutes if args.until_minutes else None
-    for seed in SEEDS:  # seed-major: an experiment cut short still has whole seeds of every model
+    for seed in args.seeds:  # seed-major: an experiment cut short still has whole seeds of every model
         for head, algo, T in EXPERIMENT:
             run = os.path.join(args.out, f"{head}-{algo}-T{T}-s{seed}")
             if _final(run) is not None or _final(run, "error") is not None:
@@ -433,7 +437,7 @@ def summarize(root):
     lines = ["| head | algo | T | PQ | PQ_th | PQ_st | SQ_th | PQ curves | seeds |", "|---" * 9 + "|"]
     curves = {}
     for head, algo, T in EXPERIMENT:
-        runs = [os.path.join(root, f"{head}-{algo}-T{T}-s{s}") for s in SEEDS]
+        runs = sorted(filter(os.path.isdir, glob.glob(os.path.join(root, f"{head}-{algo}-T{T}-s*"))))  # every seed
         finals = [f for f in map(_final, runs) if f]
         failed = sum(_final(r, "error") is not None for r in runs)
         if not finals:
