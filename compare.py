@@ -4,10 +4,13 @@ beside ours, the KS tests between the runs' state-space drifts, and figures acro
     python compare.py results/pf14-bptt results/pf14-crbp                     # the reproduction table
     python compare.py results/pf14-* --figure per_step.svg                    # their per-step F1 in one figure
     python compare.py results/mazes-* --extrapolation results/figures         # one figure per recurrent run
+    python compare.py results/pf14-crbp --halting                             # steps chosen per image
 """
 import argparse
+import glob
 import json
 import os
+import re
 
 import figures
 import report
@@ -121,6 +124,35 @@ def extrapolation_figure(run, path, baselines=()):
                      f"{task.knob} {getattr(cfg, task.knob)}", points=dots, colors=colors, dashed=dashed)
 
 
+def halting_table(run):
+    """Steps chosen per image, from a run's eval_*_halt*.json (python train.py --eval RUN --halt TOL ...): for
+    each test set, the curve metric when every image stops at its own fixed point, with the mean steps taken
+    in brackets, for each tolerance; beside it the metric at the trained T and at the best fixed t."""
+    cfg = report.load_config(run)
+    task, evals = report.TASKS[cfg.task], {}  # (test set, distractors K) -> {tolerance: record}
+    for path in glob.glob(os.path.join(run, "eval_*_halt*.json")):
+        rec, name = json.load(open(path)), os.path.basename(path)
+        k = re.search(r"_K(\d+)_", name)
+        evals.setdefault((rec[task.knob], k and int(k.group(1))), {})[float(name[:-5].rsplit("_halt", 1)[1])] = rec
+    if not evals:
+        raise ValueError(f"{run} has no eval_*_halt*.json: python train.py --eval {run} --halt 1e-3 --steps 60 "
+                         f"(and --{task.knob} N for other test sets) writes them")
+    tols = sorted({tol for by_tol in evals.values() for tol in by_tol}, reverse=True)
+    lines = [f"{os.path.basename(os.path.normpath(run))} ({cfg.model} {cfg.algo}, T={cfg.steps}): {task.curve} with "
+             "each image halted at its own fixed point, and the mean steps taken (in brackets)\n",
+             f"| {task.knob} | " + " | ".join(f"halt {tol:g}" for tol in tols) + f" | fixed T = {cfg.steps} | "
+             "best fixed t |", "|---" * (len(tols) + 3) + "|"]
+    for (n, K), by_tol in sorted(evals.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        curve = [m[task.curve] for m in max(by_tol.values(), key=lambda r: len(r["per_step"]))["per_step"]]
+        best = max(range(len(curve)), key=curve.__getitem__)
+        cells = [f"{by_tol[t]['halt'][task.curve]:.3f} ({by_tol[t]['halt']['steps_mean']:.1f})" if t in by_tol
+                 else "–" for t in tols]
+        name = f"{n}" + (f", K = {K}" if K is not None else "") + (" (trained)" if n == getattr(cfg, task.knob) else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {curve[min(cfg.steps, len(curve)) - 1]:.3f} | "
+                     f"{curve[best]:.3f} at t = {best + 1} |")
+    return "\n".join(lines)
+
+
 def _report(run):
     path = os.path.join(run, "report.json")
     if not os.path.isfile(path):
@@ -132,12 +164,16 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Tables and figures of trained runs, from their run directories")
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories that train.py wrote (results/pf14-*)")
     ap.add_argument("--figure", metavar="SVG", help="also draw the finished runs' per-step curves in one figure")
+    ap.add_argument("--halting", action="store_true", help="also print each run's table of steps chosen per image "
+                    "(from the eval_*_halt*.json that train.py --eval RUN --halt TOL writes)")
     ap.add_argument("--extrapolation", metavar="DIR", help="also draw each finished recurrent run's curves on every "
                     "test set, feedforward runs as dotted lines: DIR/extrapolation_<run>.svg")
     args = ap.parse_args()
     try:
         print(runs_table(args.runs))
-    except ValueError as e:  # not a run directory
+        for run in args.runs if args.halting else ():
+            print("\n" + halting_table(run))
+    except ValueError as e:  # not a run directory, or no halting evaluations
         ap.error(str(e))
     done = [run for run in args.runs if os.path.isfile(os.path.join(run, "report.json"))]
     if args.figure:

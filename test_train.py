@@ -462,6 +462,16 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
     assert "each image halted at residual <= 0.001" in capsys.readouterr().out
     halted = json.load(open(run / "eval_grid9_T5_halt0.001.json"))["halt"]
     assert 1 <= halted["steps_mean"] <= halted["steps_max"] <= 5
+    train.main(["--eval", str(run), "--grid", "9", "--steps", "5", "--halt", "1e9"])  # every image halts at once
+    halting, best = compare.halting_table(str(run)).splitlines(), max(range(5), key=lambda t: curve[t]["acc"])
+    assert halting[0].startswith("r (convgru c-bptt, T=2): acc with each image halted at its own fixed point")
+    assert halting[2:] == ["| grid | halt 1e+09 | halt 0.001 | fixed T = 2 | best fixed t |", "|---" * 5 + "|",
+                           f"| 9 | {curve[0]['acc']:.3f} (1.0) | {halted['acc']:.3f} ({halted['steps_mean']:.1f}) | "
+                           f"{curve[1]['acc']:.3f} | {curve[best]['acc']:.3f} at t = {best + 1} |"]
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "config.json").write_text((run / "config.json").read_text())
+    with pytest.raises(ValueError, match="no eval_.*halt.*json: python train.py --eval"):
+        compare.halting_table(str(tmp_path / "none"))
     cfg = report.load_config(str(run))
     at_once = report.evaluate(model, cfg, "cpu", 5, 4, halt=1e9, grid=9)  # every image halts after step 1
     assert at_once["steps_max"] == 1 and at_once["acc"] == curve[0]["acc"]
