@@ -196,11 +196,11 @@ def conv_parts(device, warmup, repeats):
     x, w = torch.randn(32, 25, 150, 150, device=device), torch.randn(25, 25, 15, 15, device=device)
     size = tuple(fastpath.fft_size(n, 7) for n in x.shape[-2:])
     w_hat, X = fastpath.kernel_spectrum(w, size), torch.fft.rfft2(x, s=size)
-    Y = (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous()
+    mix = lambda: (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous()  # noqa: E731
+    Y = mix()  # a contiguous spectrum, as irfft2 gets it
     rows = [("fft_conv (rfft2, channel mix, irfft2)", lambda: fastpath.fft_conv(x, w_hat, size)),
             ("  rfft2 of x (zero-padded)", lambda: torch.fft.rfft2(x, s=size)),
-            ("  the channel mix: permute + batched matmul (+ the copy irfft2 makes)",
-             lambda: (X.permute(2, 3, 0, 1) @ w_hat).permute(2, 3, 0, 1).contiguous()),
+            ("  the channel mix: permute + batched matmul (+ the copy irfft2 makes)", mix),
             ("  irfft2 of a contiguous spectrum (with its copy: c2r overwrites its input)",
              lambda: torch.fft.irfft2(Y, s=size)),
             ("one pass over a state tensor (copy)", lambda: x.clone()),
