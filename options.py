@@ -129,8 +129,8 @@ def get_parser(description=None):
       help="--conv fft --compile, the fastest path on a GPU. On in --preset pathfinder; --no-fast there gives "
            "the plain path")
     a("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
-      help="with --compile/--fast: torch.compile's mode; reduce-overhead replays CUDA graphs, for small, "
-           "launch-bound cells such as the mazes' (each call's outputs are then copied out of the graph)")
+      help="with --compile/--fast: torch.compile's mode; reduce-overhead replays CUDA graphs, which pays only "
+           "where the steps are launch-bound (each call's outputs are then copied out of the graph)")
     a("--seed", type=int, default=0, help="seed of the weights and of the training and test data streams")
     a("--device", default="auto", help="auto (cuda if available), cuda, cuda:1 or cpu")
     a("--out", default=None, help="run directory (default runs/<task>-<model>-<algo>; --dry-run: a temporary one)")

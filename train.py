@@ -240,13 +240,14 @@ def train(args, device, rank=0, world=1):
     def minutes():  # wall time of the run's training so far, over all its pieces, held-out checks included
         return minutes0 + (time.time() - t0) / 60
 
-    def held_out(n_images):
+    def held_out():  # a held-out check; under torchrun split over the ranks
+        n_images = min(CHECK_IMAGES, args.eval_images)
         quick = report.evaluate(model, args, device, args.steps, n_images)
         return quick, f"{task.metric} {quick[task.metric]:.4f} on {n_images} test images (chance: {task.chance})"
 
     progress, t0, seen0 = Progress(iters * args.batch_size, quiet=not main_rank), time.time(), start * args.batch_size
     if start == 0:  # the untrained model's held-out score, so the learning curve starts at 0 images
-        quick, text = held_out(min(CHECK_IMAGES, args.eval_images))  # under torchrun: split over the ranks
+        quick, text = held_out()
         if main_rank:
             log_jsonl(args.out, {"images": 0, "eval": quick})
             progress.note(f"before training: held-out {text}")
@@ -320,7 +321,7 @@ def train(args, device, rank=0, world=1):
                                      "lr": opt.param_groups[0]["lr"], **(out.stats.as_dict() if out.stats else {})})
             if seen >= next_eval or it == iters:
                 next_eval += args.eval_every
-                quick, text = held_out(min(CHECK_IMAGES, args.eval_images))  # under torchrun: split over the ranks
+                quick, text = held_out()
                 if main_rank:
                     log_jsonl(args.out, {"images": seen, "minutes": round(minutes(), 2), "eval": quick})
                     progress.note(f"held-out check at {seen:,} images: {text}")
