@@ -441,6 +441,9 @@ def test_dry_run_writes_a_run_directory_and_resumes(tmp_path):
     TP.main(["--dry-run", "--out", out, "--until-minutes", "1e-9"])  # stops after one step
     assert {"config.json", "metrics.jsonl", "checkpoint.pt"} <= set(os.listdir(out))
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["iteration"] == 1
+    assert TP.parse_args(["--resume", out, "--eval-steps", "40"]).eval_steps == 40  # the parser's default, given
+    with pytest.raises(SystemExit):
+        TP.parse_args(["--resume", out, "--lr", "0.5"])  # what the run trains stays the run's
     final = TP.main(["--resume", out])
     assert set(final) >= {"pq", "pq_th", "pq_st", "sq_th"}
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]

@@ -172,12 +172,20 @@ def parse_args(argv=None):
         path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(path):
             p.error(f"--resume {args.resume}: no config.json there; pass a run directory train_panoptic.py wrote")
-        # a resume may change where it runs, when it stops and how it is evaluated, not what it trains
-        given = {k: v for k, v in vars(args).items() if v != p.get_default(k)}
-        changed = sorted(set(given) - {"resume", "device", "until_minutes", "eval_images", "eval_steps"})
+        # the run's config becomes the defaults, so an option given on the command line wins even when it equals
+        # the parser's default; a resume may change where it runs, when it stops and how it is evaluated
+        saved = {k: v for k, v in json.load(open(path)).items() if k in vars(args)}
+        p.set_defaults(**saved)
+        args = p.parse_args(argv)
+        may_change = {"device", "until_minutes", "eval_images", "eval_batch_size", "eval_steps"}
+        changed = sorted(k for k, v in saved.items() if k not in may_change and getattr(args, k) != v)
         if changed:
             p.error(f"--resume continues the run in its config.json; it does not take --{changed[0].replace('_', '-')}")
-        return argparse.Namespace(**{**vars(args), **json.load(open(path)), **given, "out": args.resume})
+        for k in ("eval_images", "eval_batch_size", "eval_steps"):
+            if getattr(args, k) < 1:
+                p.error(f"--{k.replace('_', '-')} must be >= 1")
+        args.out = args.resume
+        return args
     if args.head not in HEADS:
         p.error(f"--head must be one of {HEADS}, got {args.head!r}")
     if args.head == "conv4":
