@@ -165,6 +165,9 @@ def get_parser():
     return p
 
 
+COUNTS = ("iters", "batch_size", "eval_images", "eval_batch_size", "eval_every", "eval_steps", "proposals")  # >= 1
+
+
 def parse_args(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
@@ -181,7 +184,7 @@ def parse_args(argv=None):
         changed = sorted(k for k, v in saved.items() if k not in may_change and getattr(args, k) != v)
         if changed:
             p.error(f"--resume continues the run in its config.json; it does not take --{changed[0].replace('_', '-')}")
-        for k in ("eval_images", "eval_batch_size", "eval_steps"):
+        for k in may_change & set(COUNTS):
             if getattr(args, k) < 1:
                 p.error(f"--{k.replace('_', '-')} must be >= 1")
         args.out = args.resume
@@ -203,7 +206,7 @@ def parse_args(argv=None):
         args.eval_images, args.eval_batch_size, args.eval_every, args.eval_steps = 4, 4, 2, 4
         args.steps, args.neumann_steps = min(args.steps, 3), min(args.neumann_steps, 3)
         args.out = args.out or tempfile.mkdtemp(prefix="panoptic-dry-run-")
-    for k in ("iters", "batch_size", "eval_images", "eval_batch_size", "eval_every", "eval_steps", "proposals"):
+    for k in COUNTS:
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if args.size % 8 or args.size < 32:

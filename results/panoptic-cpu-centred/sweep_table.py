@@ -2,7 +2,7 @@
 import json, statistics as st, os
 os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs"))
 rows = ["conv4-bptt-T1", "hgru-bptt-T5", "hgru-c-rbp-T5", "hgru-c-rbp-T5-xi0.01", "hgru-c-rbp-T5-xi0.1",
-        "hgru-c-rbp-T10",        "hgru-c-rbp-T20", "hgru-c-rbp-T20-xi0.1"]
+        "hgru-c-rbp-T10", "hgru-c-rbp-T20", "hgru-c-rbp-T20-xi0.1"]
 print("| head | T | ξ | PQ | PQ_th | PQ curves | PQ at t = 1 / T / 2T / 40 | residual at T | ξ · LCP | s / step |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
