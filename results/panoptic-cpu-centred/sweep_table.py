@@ -1,8 +1,9 @@
-# The table of sweep.sh (and the seed-0 rows of run.sh) from the committed runs/*/metrics.jsonl: python sweep_table.py
+# The table of sweep.sh and long.sh (and run.sh's seed-0 rows) from the committed runs/*/metrics.jsonl:
+# python sweep_table.py
 import json, statistics as st, os
 os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs"))
 rows = ["conv4-bptt-T1", "hgru-bptt-T5", "hgru-c-rbp-T5", "hgru-c-rbp-T5-xi0.01", "hgru-c-rbp-T5-xi0.1",
-        "hgru-c-rbp-T10", "hgru-c-rbp-T20", "hgru-c-rbp-T20-xi0.1"]
+        "hgru-c-rbp-T10", "hgru-c-rbp-T20", "hgru-c-rbp-T20-xi0.1", "conv4-bptt-T1-2k", "hgru-c-rbp-T20-2k"]
 print("| head | T | ξ | PQ | PQ_th | PQ curves | PQ at t = 1 / T / 2T / 40 | residual at T | ξ · LCP | s / step |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
