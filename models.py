@@ -217,6 +217,13 @@ class Recurrent(nn.Module):
         object.__setattr__(self, "compiled", compiled)  # not submodules: the state_dict stays the cell's
         return self
 
+    def drive(self, images):
+        """(x, h0, extra) of a run on these images: the static drive, the initial state, and the cell's
+        per-run keyword arguments (the hGRU's kernel spectra), so that a step is self.cell(h, x, **extra)."""
+        x = self.front(images)
+        h0 = self.embed(x) if self.embed is not None else self.cell.init_state(x)
+        return x, h0, (self.cell.prepare(x) if hasattr(self.cell, "prepare") else {})
+
     def forward(self, images, steps=None, algo=None, per_step=False, **crbp_options) -> Output:
         """Logits after `steps` steps of `algo` (defaults: self.steps, self.algo), the LCP penalty and the
         crbp stats; options go to crbp.run. per_step=True (or "logits") also returns the readout after every
@@ -231,8 +238,7 @@ class Recurrent(nn.Module):
         if not self.driven and torch.is_grad_enabled() and _cuts_tape(algo, steps, crbp_options.get("truncate")):
             raise ValueError(f"{algo} does not backpropagate to step 1, and this model has no input drive, so its "
                              "stem would get no gradient: use bptt, c-bptt, or tbptt with truncate=steps")
-        x = self.front(images)  # the static drive
-        h0 = self.embed(x) if self.embed is not None else self.cell.init_state(x)
+        x, h0, extra = self.drive(images)
         record, user_on_step = [], crbp_options.pop("on_step", None)
         if per_step:
             def on_step(t, h):
@@ -243,7 +249,6 @@ class Recurrent(nn.Module):
             crbp_options["on_step"] = on_step
         elif user_on_step is not None:
             crbp_options["on_step"] = user_on_step
-        extra = self.cell.prepare(x) if hasattr(self.cell, "prepare") else {}  # per run (the hGRU's spectra)
         cell = functools.partial(self.cell, **extra) if extra else self.cell
         own_cell = "fast_cell" not in crbp_options
         if "cell" in self.compiled:  # the fast path (compile_cell)
@@ -421,7 +426,8 @@ def save(model: nn.Module, path) -> None:
 def load(path, device="cpu") -> nn.Module:
     """A trained model from a file of save() or train.py's checkpoint.pt, or from a run directory (its
     model.pt, else its checkpoint.pt). In eval mode, on `device`: ready for model(images, steps=T,
-    per_step=True). The steps and algo it trained with are model.steps and model.algo."""
+    per_step=True). The steps and algo it trained with are model.steps and model.algo; from a checkpoint of
+    a run still training, model.trained_images says how far it had got (None for a finished model.pt)."""
     if os.path.isdir(path):
         files = [os.path.join(path, f) for f in ("model.pt", "checkpoint.pt") if os.path.isfile(os.path.join(path, f))]
         if not files:
@@ -439,6 +445,7 @@ def load(path, device="cpu") -> nn.Module:
     b = saved["build"]
     model = build(b["name"], b["task"], **b["options"])
     model.load_state_dict(saved["model"])
+    model.trained_images = saved.get("images")  # train.py's checkpoints hold it; save()'s finished models do not
     return model.to(device).eval()
 
 

@@ -13,6 +13,7 @@ Evaluation images come from data.py's test seed stream only, which training neve
 torchrun, `evaluate` splits the batches over the ranks and every rank gets the one-process metrics.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import crbp
 import data
 import figures
 
@@ -265,6 +267,40 @@ def analyse_states(model, cfg, device, n_images=None):
     return dist
 
 
+@torch.no_grad()
+def dynamics(model, cfg, device, steps=None, n_images=None, **knob):
+    """Does the trained cell settle at a fixed point? On one batch of held-out images (BatchNorm as in
+    evaluation; knob: another test set): the median over images of the residual ||h_t - h_{t-1}|| / ||h_t||
+    after each step t = 1..steps (default cfg.eval_steps), and crbp.jacobian_probe at h_{T-1}, where the LCP
+    and the Neumann series act, and at h_{steps - 1}: J's spectral radius (> 1: the step expands some direction) and
+    the column sums that the LCP bounds."""
+    task, device = TASKS[cfg.task], torch.device(device)
+    was_training = model.training
+    model.eval()
+    n_images, steps = n_images or min(cfg.eval_batch_size, cfg.eval_images), steps or cfg.eval_steps
+    images, _, _ = data.task_batch(task.name, 0, n_images, split="test", device=device, **data_options(cfg, **knob))
+    x, h, extra = model.drive(images)
+    cell = functools.partial(model.cell, **extra)
+    flat = lambda h: torch.cat([z.float().flatten(1) for z in (h if isinstance(h, tuple) else (h,))], 1)
+    residual, probes = [], {}
+    for t in range(1, steps + 1):
+        if t in (cfg.steps, steps):  # J of step t, at its input h_{t-1}
+            probes[str(t - 1)] = crbp.jacobian_probe(cell, x, h, mu=getattr(cfg, "mu", 0.9))._asdict()
+        h_prev, h = h, cell(h, x)
+        residual.append(((flat(h) - flat(h_prev)).norm(dim=1) / flat(h).norm(dim=1).clamp_min(1e-30)).median().item())
+    model.train(was_training)
+    return {"images": n_images, "residual": residual, "probe": probes}
+
+
+def dynamics_text(dyn, cfg):
+    """One line of dynamics()'s findings."""
+    res = dyn["residual"]
+    probes = "; ".join(f"J at h_{t}: spectral radius {p['rho']:.3f}, column sums mean {p['colsum_mean']:.3f}, "
+                       f"{100 * p['above_mu']:.2g}% above mu {getattr(cfg, 'mu', 0.9)}" for t, p in dyn["probe"].items())
+    return (f"dynamics on {dyn['images']} images: residual ||h_t - h_(t-1)|| / ||h_t|| (median) at t={cfg.steps}: "
+            f"{res[cfg.steps - 1]:.3g}, at t={len(res)}: {res[-1]:.3g}; {probes}")
+
+
 def compare_runs(run_a, run_b):
     """Two-sample KS test between two runs' per-image state-space drift distances."""
     dist = []
@@ -360,12 +396,13 @@ def full(model, cfg, device):
     if ranks()[0] != 0:  # under torchrun the evaluations above are collective; the rest is rank 0's alone
         return final
     drift = analyse_states(model, cfg, device) if model.recurrent else torch.zeros(0)
+    dyn = dynamics(model, cfg, device) if model.recurrent else None
     per_step = {str(n): [c[metric] for c in crv] for n, crv in curves.items()}
     with open(os.path.join(cfg.out, "state_space.json"), "w") as f:
         json.dump({"N": cfg.steps, "T": cfg.eval_steps, "distance": drift.tolist()}, f)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump({"final": final, "steps": cfg.steps, "eval_images": cfg.eval_images, "per_step": per_step,
-                   "drift_median": drift.median().item() if len(drift) else None}, f, indent=1)
+                   "drift_median": drift.median().item() if len(drift) else None, "dynamics": dyn}, f, indent=1)
     rows = read_metrics(cfg.out)
     plot_run(cfg, rows, per_step)
     print(f"held-out ({cfg.eval_images} images) at T={cfg.steps}: "
@@ -382,6 +419,7 @@ def full(model, cfg, device):
     if model.recurrent:
         print(f"state-space drift t={cfg.steps} -> t={cfg.eval_steps}: median {drift.median().item():.3g} over "
               f"{len(drift)} images: " + DRIFT.format(N=cfg.steps, T=cfg.eval_steps))
+        print(dynamics_text(dyn, cfg))
     summary = neumann_summary(rows)
     if summary:
         print(summary)
@@ -400,14 +438,19 @@ def other_test_set(model, cfg, device, steps, **knob):
     (name, n), metric = next(iter(knob.items())), task.curve
     curve = evaluate(model, cfg, device, steps, cfg.eval_images, per_step=True, **knob)
     best, k = max(range(len(curve)), key=lambda t: curve[t][metric]), getattr(cfg, "distractors", None)
-    print(f"{cfg.out} ({cfg.model} {cfg.algo}, trained at T={cfg.steps}) on {name} {n}"
+    trained = getattr(model, "trained_images", None)  # a checkpoint of a run still training
+    print(f"{cfg.out} ({cfg.model} {cfg.algo}, trained at T={cfg.steps}"
+          + (f", its checkpoint at {trained:,} images" if trained else "") + f") on {name} {n}"
           + (f" with {k} distractors" if k is not None else "") + f", {cfg.eval_images} "
           f"held-out images:\n  at t={len(curve)}: "
           + ", ".join(f"{k} {v:.4f}" for k, v in curve[-1].items() if not k.startswith("pooled_"))
           + f" (chance {task.metric}: {task.chance})\n  per-step {metric}: "
           + "  ".join(f"t={t}: {curve[t - 1][metric]:.3f}" for t in sorted({1, min(cfg.steps, len(curve)), len(curve)}))
           + f"  (best {curve[best][metric]:.3f} at t={best + 1})")
-    record = {name: n, "steps": steps, "eval_images": cfg.eval_images, "per_step": curve}
+    record = {name: n, "steps": steps, "eval_images": cfg.eval_images, "trained_images": trained, "per_step": curve}
+    if model.recurrent:
+        record["dynamics"] = dyn = dynamics(model, cfg, device, steps, **knob)
+        print("  " + dynamics_text(dyn, cfg))
     if getattr(cfg, "halt", None):  # steps chosen per image: each stops at its own fixed point
         record["halt"] = adaptive = evaluate(model, cfg, device, steps, cfg.eval_images, halt=cfg.halt, **knob)
         print(f"  each image halted at residual <= {cfg.halt} (at most {steps} steps): {metric} "

@@ -458,6 +458,9 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
     curve = train.main(["--eval", str(run), "--grid", "9", "--steps", "5"])
     assert len(curve) == 5 and "on grid 9" in capsys.readouterr().out
     assert len(json.load(open(run / "eval_grid9_T5.json"))["per_step"]) == 5
+    dyn = json.load(open(run / "eval_grid9_T5.json"))["dynamics"]  # the probe at h_(T-1) and h_(steps-1)
+    assert len(dyn["residual"]) == 5 and sorted(dyn["probe"]) == ["1", "4"]
+    assert len(first["dynamics"]["residual"]) == 3 and sorted(first["dynamics"]["probe"]) == ["1", "2"]
     train.main(["--eval", str(run), "--grid", "9", "--steps", "5", "--halt", "1e-3"])
     assert "each image halted at residual <= 0.001" in capsys.readouterr().out
     halted = json.load(open(run / "eval_grid9_T5_halt0.001.json"))["halt"]
@@ -485,6 +488,22 @@ def test_load_report_and_eval_a_saved_run(tmp_path, capsys):
         train.main(["--eval", str(run), "--lr", "0.5"])
     with pytest.raises(ValueError, match="neither model.pt nor checkpoint.pt"):
         models.load(str(tmp_path))
+
+
+def test_dynamics_measures_the_steps_that_the_model_takes(tmp_path):
+    run = tmp_path / "r"
+    train.main(tiny(run))
+    model, cfg = models.load(str(run)), report.load_config(str(run))
+    dyn = report.dynamics(model, cfg, "cpu", steps=6)
+    # The same images through the model's own forward (crbp.run): h_0 and the states after each step.
+    images, _, _ = report.data.task_batch("mazes", 0, dyn["images"], split="test", **report.data_options(cfg))
+    with torch.no_grad():
+        states = [model.drive(images)[1]] + model(images, steps=6, per_step="state").per_step
+    flat = [torch.cat([z.flatten(1) for z in (h if isinstance(h, tuple) else (h,))], 1) for h in states]
+    want = [((b - a).norm(dim=1) / b.norm(dim=1)).median().item() for a, b in zip(flat, flat[1:])]
+    assert dyn["residual"] == pytest.approx(want, rel=1e-5) and dyn["residual"][0] > 0
+    for probe in dyn["probe"].values():  # the Jacobian's spectral radius and column sums, finite
+        assert probe["rho"] > 0 and math.isfinite(probe["colsum_mean"]) and 0 <= probe["above_mu"] <= 1
 
 
 def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(tmp_path):
