@@ -169,6 +169,9 @@ def test_dry_run_trains_evaluates_and_writes_the_run_dir(tmp_path, task, model, 
     if model not in ("ff", "resnet"):
         assert len(json.load(open(out / "state_space.json"))["distance"]) > 0
         assert "state-space drift" in printed and "fixed point" in printed
+        checks = [r["eval"] for r in rows if "eval" in r]  # each held-out check probes J at h_(T-1)
+        assert checks and all(c["rho"] > 0 and math.isfinite(c["residual"]) for c in checks)
+        assert "J's spectral radius" in printed and "J at h_2: spectral radius" in printed
     if task != "pathfinder-cls" and model not in ("ff", "resnet"):
         png_chunks(out / "timecourse.png")
 

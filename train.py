@@ -243,7 +243,12 @@ def train(args, device, rank=0, world=1):
     def held_out():  # a held-out check; under torchrun split over the ranks
         n_images = min(CHECK_IMAGES, args.eval_images)
         quick = report.evaluate(model, args, device, args.steps, n_images)
-        return quick, f"{task.metric} {quick[task.metric]:.4f} on {n_images} test images (chance: {task.chance})"
+        text = f"{task.metric} {quick[task.metric]:.4f} on {n_images} test images (chance: {task.chance})"
+        if model.recurrent and main_rank:  # is the cell contractive where the LCP and the Neumann series act?
+            dyn = report.dynamics(model, args, device, steps=args.steps)  # one batch: T steps and 40 VJPs
+            quick.update(residual=dyn["residual"][-1], rho=dyn["probe"][str(args.steps - 1)]["rho"])
+            text += f"; at h_(T-1) J's spectral radius {quick['rho']:.3f}, residual at T {quick['residual']:.3g}"
+        return quick, text
 
     progress, t0, seen0 = Progress(iters * args.batch_size, quiet=not main_rank), time.time(), start * args.batch_size
     if start == 0:  # the untrained model's held-out score, so the learning curve starts at 0 images
