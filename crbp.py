@@ -127,8 +127,16 @@ class Stats:
     neumann_sum: Optional[float] = None  # ||sum of the kept terms||: the paper code's grad_cap compared it with 1
     halted: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)  # run(halt=): steps per sample
 
+    @property
+    def neumann_ratio(self) -> Optional[float]:
+        """||term_k|| / ||term_(k-1)|| of the last two terms computed: the series' rate where it stopped
+        (the paper code stopped at the first ratio above 1)."""
+        n = self.neumann_norms
+        return n[-1] / n[-2] if len(n) > 1 and n[-2] > 0 else None
+
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("steps", "residual", "neumann_terms", "neumann_stop", "neumann_sum")}
+        return {k: getattr(self, k) for k in ("steps", "residual", "neumann_terms", "neumann_stop", "neumann_sum",
+                                              "neumann_ratio")}
 
 
 def neumann(JT: Callable, g, K: int = 15, tol: float = 1e-6, faithful: bool = False,

@@ -400,6 +400,7 @@ def test_tolerance_stop_and_paper_grad_cap():
                                grad_cap=1.6 * B ** 0.5 * D ** 0.5)
     (G,) = torch.autograd.grad(state.sum(), x)
     assert (stats.neumann_stop, stats.neumann_terms) == ("grad_cap", 1) and torch.allclose(G, 1.5 * x)
+    assert stats.neumann_ratio == 0.5 and stats.as_dict()["neumann_ratio"] == 0.5  # each term is half the last
 
 
 class NaNBackward(torch.autograd.Function):
