@@ -444,9 +444,12 @@ def test_dry_run_writes_a_run_directory_and_resumes(tmp_path):
     assert TP.parse_args(["--resume", out, "--eval-steps", "40"]).eval_steps == 40  # the parser's default, given
     with pytest.raises(SystemExit):
         TP.parse_args(["--resume", out, "--lr", "0.5"])  # what the run trains stays the run's
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:  # a row logged after the checkpoint, then killed
+        f.write(json.dumps({"iter": 2, "loss_mask": -1.0}) + "\n")
     final = TP.main(["--resume", out])
     assert set(final) >= {"pq", "pq_th", "pq_st", "sq_th"}
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(r.get("loss_mask") != -1.0 for r in rows)  # the resume dropped it
     assert len(rows[-1]["per_step_pq"]) == 4
     assert {"learning_curve.svg", "per_step.svg", "predictions.png"} <= set(os.listdir(out))
     png = str(tmp_path / "sheet.png")

@@ -237,6 +237,18 @@ def log(out, record):
         f.write(json.dumps(record) + "\n")
 
 
+def trim_log(out, it):
+    """On resume, drop the rows logged after the checkpoint's step (a run killed between checkpoints): the
+    resumed run logs those steps again."""
+    path = os.path.join(out, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    keep = [r for r in rows if r.get("iter", 0) <= it]
+    if len(keep) < len(rows):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(path + ".tmp", path)
+
+
 def build(args, device):
     head_opts = dict(steps=args.steps, algo=args.algo, neumann_steps=args.neumann_steps, tau=args.tau, xi=args.xi)
     model = PanopticModel(args.head, args.channels, args.width, **head_opts).to(device)
@@ -259,6 +271,7 @@ def train(args):
     if args.resume:
         ck = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location=device, weights_only=False)
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["optimizer"]); start = ck["iteration"]
+        trim_log(args.out, start)
     else:
         if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
             raise SystemExit(f"{args.out} already holds a run: continue it with --resume {args.out}, or pick --out")
