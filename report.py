@@ -272,8 +272,8 @@ def dynamics(model, cfg, device, steps=None, n_images=None, **knob):
     """Does the trained cell settle at a fixed point? On one batch of held-out images (BatchNorm as in
     evaluation; knob: another test set): the median over images of the residual ||h_t - h_{t-1}|| / ||h_t||
     after each step t = 1..steps (default cfg.eval_steps), and crbp.jacobian_probe at h_{T-1}, where the LCP
-    and the Neumann series act, and at h_{steps - 1}: J's spectral radius (> 1: the step expands some direction) and
-    the column sums that the LCP bounds."""
+    and the Neumann series act, and at h_{steps - 1}: J's spectral radius (> 1: the step expands some
+    direction) and the column sums that the LCP bounds."""
     task, device = TASKS[cfg.task], torch.device(device)
     was_training = model.training
     model.eval()
@@ -294,11 +294,11 @@ def dynamics(model, cfg, device, steps=None, n_images=None, **knob):
 
 def dynamics_text(dyn, cfg):
     """One line of dynamics()'s findings."""
-    res = dyn["residual"]
+    res, T = dyn["residual"], min(cfg.steps, len(dyn["residual"]))  # an --eval may stop before the trained T
     probes = "; ".join(f"J at h_{t}: spectral radius {p['rho']:.3f}, column sums mean {p['colsum_mean']:.3f}, "
                        f"{100 * p['above_mu']:.2g}% above mu {getattr(cfg, 'mu', 0.9)}" for t, p in dyn["probe"].items())
-    return (f"dynamics on {dyn['images']} images: residual ||h_t - h_(t-1)|| / ||h_t|| (median) at t={cfg.steps}: "
-            f"{res[cfg.steps - 1]:.3g}, at t={len(res)}: {res[-1]:.3g}; {probes}")
+    return (f"dynamics on {dyn['images']} images: residual ||h_t - h_(t-1)|| / ||h_t|| (median) at t={T}: "
+            f"{res[T - 1]:.3g}, at t={len(res)}: {res[-1]:.3g}; {probes}")
 
 
 def compare_runs(run_a, run_b):

@@ -507,6 +507,8 @@ def test_dynamics_measures_the_steps_that_the_model_takes(tmp_path):
     assert dyn["residual"] == pytest.approx(want, rel=1e-5) and dyn["residual"][0] > 0
     for probe in dyn["probe"].values():  # the Jacobian's spectral radius and column sums, finite
         assert probe["rho"] > 0 and math.isfinite(probe["colsum_mean"]) and 0 <= probe["above_mu"] <= 1
+    short = report.dynamics(model, cfg, "cpu", steps=1)  # an evaluation that stops before the trained T = 2
+    assert list(short["probe"]) == ["0"] and "at t=1:" in report.dynamics_text(short, cfg)
 
 
 def test_runs_table_sets_the_papers_numbers_beside_ours_and_ks_tests_the_drifts(tmp_path):
