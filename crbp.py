@@ -8,7 +8,6 @@
     loss = task_loss(readout(state)) + 10 * penalty    # the paper weighted the LCP by 10
     loss.backward()                                     # the Neumann series runs in here
     print(stats)                                        # residual, Neumann terms used, why they stopped
-    print(crbp.jacobian_probe(cell, x, h))              # is F contractive at a state h? (the LCP's aim)
 
     algo    forward                                          gradient                      memory in T
     bptt    all T steps on the autograd tape                 exact, through the unroll     O(T)
@@ -127,16 +126,10 @@ class Stats:
     neumann_sum: Optional[float] = None  # ||sum of the kept terms||: the paper code's grad_cap compared it with 1
     halted: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)  # run(halt=): steps per sample
 
-    @property
-    def neumann_ratio(self) -> Optional[float]:
-        """||term_k|| / ||term_(k-1)|| of the last two terms computed: the series' rate where it stopped
-        (the paper code stopped at the first ratio above 1)."""
-        n = self.neumann_norms
-        return n[-1] / n[-2] if len(n) > 1 and n[-2] > 0 else None
-
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("steps", "residual", "neumann_terms", "neumann_stop", "neumann_sum",
-                                              "neumann_ratio")}
+        n = self.neumann_norms  # neumann_ratio: the last two terms' norms, the series' rate where it stopped
+        return {**{k: getattr(self, k) for k in ("steps", "residual", "neumann_terms", "neumann_stop", "neumann_sum")},
+                "neumann_ratio": n[-1] / n[-2] if len(n) > 1 and n[-2] > 0 else None}
 
 
 def neumann(JT: Callable, g, K: int = 15, tol: float = 1e-6, faithful: bool = False,
@@ -230,43 +223,6 @@ def lcp(h_next, h_prev, mu: float = 0.9, reduction: str = "mean") -> torch.Tenso
     # u = 1^T J, J = dh_next/dh_prev: the Jacobian's column sums in one VJP with a vector of ones, kept on the
     # tape (create_graph) because the penalty must train the parameters that u depends on.
     return _lcp(_vjp(hn, hp, [torch.ones_like(z) for z in hn], create_graph=True), mu, reduction)
-
-
-class Probe(NamedTuple):
-    """jacobian_probe's answer: is F contractive at h?"""
-    rho: float  # spectral radius of J = dF/dh at h, by power iteration: > 1 means F expands a direction there
-    colsum_mean: float  # the column sums 1^T J that the LCP bounds: their mean,
-    colsum_max: float  # their largest,
-    above_mu: float  # and the fraction of them above mu
-
-
-@torch.no_grad()
-def jacobian_probe(cell: Callable, x, h, *, mu: float = 0.9, iters: int = 40, seed: int = 0) -> Probe:
-    """The Jacobian J = dcell(h, x)/dh at one state h (every tensor of a tuple state as one vector).
-
-    The LCP bounds J's column sums, which keeps F contractive only where they bound its spectral radius rho;
-    the rbp gradient and the fixed point need rho < 1. This measures both: rho as the growth per iteration of
-    (J^T)^k v from a random v (seeded), averaged over the last half of `iters` iterations so that the
-    transient of a non-normal J and a complex pair's rotation average out. An estimate: it converges more slowly
-    the closer J's second-largest |eigenvalue| is to rho; raise iters to see it settle.
-    """
-    if not (isinstance(iters, int) and iters >= 2) or not 0 <= mu < 1:
-        raise ValueError(f"jacobian_probe takes iters, an int >= 2, and mu in [0, 1); got iters={iters!r}, mu={mu!r}")
-    hs, is_tuple = _as_tuple(h, "h")
-    with torch.enable_grad():  # one taped step, its VJP taken again and again
-        h_in = tuple(z.detach().requires_grad_() for z in hs)
-        h_out = _as_tuple(cell(tuple(h_in) if is_tuple else h_in[0], x), "the cell's output")[0]
-        JT = lambda v: _vjp(h_out, h_in, v)
-        u = torch.cat([ui.flatten() for ui in JT([torch.ones_like(z) for z in h_out])]).double()  # 1^T J
-        gen = torch.Generator(hs[0].device).manual_seed(seed)
-        v = [torch.randn(z.shape, generator=gen, device=z.device).to(z.dtype) for z in hs]
-        logs = []
-        for _ in range(iters):  # v <- J^T v / ||J^T v||; the log of each growth
-            n = _norm(v)
-            v = JT([z / n.to(z.dtype) for z in v])
-            logs.append(math.log(max(_norm(v).item(), 1e-300)))
-    rho = math.exp(sum(logs[iters // 2:]) / (iters - iters // 2))
-    return Probe(rho, u.mean().item(), u.max().item(), (u > mu).double().mean().item())
 
 
 def _lcp(u, mu, reduction):

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import crbp
 import data
 import figures
 
@@ -267,11 +266,52 @@ def analyse_states(model, cfg, device, n_images=None):
     return dist
 
 
+class Probe(NamedTuple):
+    """jacobian_probe's answer: is F contractive at h?"""
+    rho: float  # spectral radius of J = dF/dh at h, by power iteration: > 1 means F expands a direction there
+    colsum_mean: float  # the column sums 1^T J that the LCP bounds: their mean,
+    colsum_max: float  # their largest,
+    above_mu: float  # and the fraction of them above mu
+
+
+@torch.no_grad()
+def jacobian_probe(cell: Callable, x, h, *, mu: float = 0.9, iters: int = 40, seed: int = 0) -> Probe:
+    """The Jacobian J = dcell(h, x)/dh at one state h (every tensor of a tuple state as one vector).
+
+    The LCP bounds J's column sums, which keeps F contractive only where they bound its spectral radius rho;
+    the rbp gradient and the fixed point need rho < 1. This measures both: rho as the growth per iteration of
+    (J^T)^k v from a random v (seeded), averaged over the last half of `iters` iterations so that the
+    transient of a non-normal J and a complex pair's rotation average out. An estimate: it converges more slowly
+    the closer J's second-largest |eigenvalue| is to rho; raise iters to see it settle.
+    """
+    if not (isinstance(iters, int) and iters >= 2) or not 0 <= mu < 1:
+        raise ValueError(f"jacobian_probe takes iters, an int >= 2, and mu in [0, 1); got iters={iters!r}, mu={mu!r}")
+    is_tuple = isinstance(h, (tuple, list))
+    hs = tuple(h) if is_tuple else (h,)
+    with torch.enable_grad():  # one taped step, its VJP taken again and again
+        h_in = tuple(z.detach().requires_grad_() for z in hs)
+        out = cell(h_in if is_tuple else h_in[0], x)
+        h_out = tuple(out) if is_tuple else (out,)
+        JT = lambda v: [torch.zeros_like(z) if d is None else d for d, z in
+                        zip(torch.autograd.grad(h_out, h_in, v, retain_graph=True, allow_unused=True), h_in)]
+        u = torch.cat([ui.flatten() for ui in JT([torch.ones_like(z) for z in h_out])]).double()  # 1^T J
+        gen = torch.Generator(hs[0].device).manual_seed(seed)
+        v = [torch.randn(z.shape, generator=gen, device=z.device).to(z.dtype) for z in hs]
+        norm = lambda v: torch.stack([z.double().square().sum() for z in v]).sum().sqrt()
+        logs = []
+        for _ in range(iters):  # v <- J^T v / ||J^T v||; the log of each growth
+            n = norm(v)
+            v = JT([z / n.to(z.dtype) for z in v])
+            logs.append(math.log(max(norm(v).item(), 1e-300)))
+    rho = math.exp(sum(logs[iters // 2:]) / (iters - iters // 2))
+    return Probe(rho, u.mean().item(), u.max().item(), (u > mu).double().mean().item())
+
+
 @torch.no_grad()
 def dynamics(model, cfg, device, steps=None, n_images=None, **knob):
     """Does the trained cell settle at a fixed point? On one batch of held-out images (BatchNorm as in
     evaluation; knob: another test set): the median over images of the residual ||h_t - h_{t-1}|| / ||h_t||
-    after each step t = 1..steps (default cfg.eval_steps), and crbp.jacobian_probe at h_{T-1}, where the LCP
+    after each step t = 1..steps (default cfg.eval_steps), and jacobian_probe at h_{T-1}, where the LCP
     and the Neumann series act, and at h_{steps - 1}: J's spectral radius (> 1: the step expands some
     direction) and the column sums that the LCP bounds."""
     task, device = TASKS[cfg.task], torch.device(device)
@@ -285,7 +325,7 @@ def dynamics(model, cfg, device, steps=None, n_images=None, **knob):
     residual, probes = [], {}
     for t in range(1, steps + 1):
         if t in (cfg.steps, steps):  # J of step t, at its input h_{t-1}
-            probes[str(t - 1)] = crbp.jacobian_probe(cell, x, h, mu=getattr(cfg, "mu", 0.9))._asdict()
+            probes[str(t - 1)] = jacobian_probe(cell, x, h, mu=getattr(cfg, "mu", 0.9))._asdict()
         h_prev, h = h, cell(h, x)
         residual.append(((flat(h) - flat(h_prev)).norm(dim=1) / flat(h).norm(dim=1).clamp_min(1e-30)).median().item())
     model.train(was_training)
